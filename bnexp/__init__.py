@@ -1,0 +1,1 @@
+"""bnexp: batch-norm experiments on MNIST."""
