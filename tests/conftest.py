@@ -1,0 +1,50 @@
+"""Shared pytest fixtures for bnexp."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnexp.data import write_idx
+
+
+# ============================================================================================
+# Tiny MNIST-shaped data (owned by the data module's tests; used by end-to-end tests with
+# verify=False). Keep other fixtures outside this block.
+# ============================================================================================
+
+
+def write_tiny_mnist(root: str | Path, n_train: int = 300, n_test: int = 100, seed: int = 0) -> Path:
+    """Write a small, learnable MNIST look-alike as the four canonical IDX files in
+    `<root>/MNIST/raw/` and return that directory.
+
+    Each class has a random 28x28 prototype (about 20% bright pixels); a sample is its class
+    prototype with 10% of pixels flipped plus Gaussian noise, so a tiny MLP beats chance
+    within a few hundred steps. Labels cycle 0..9 in a shuffled order; same seed, same bytes.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = (torch.rand(10, 28, 28, generator=gen) < 0.2).float() * 220
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (torch.arange(n) % 10)[torch.randperm(n, generator=gen)]
+        flip = torch.rand(n, 28, 28, generator=gen) < 0.1
+        images = torch.where(flip, 220 - prototypes[labels], prototypes[labels])
+        images = images + 20 * torch.randn(n, 28, 28, generator=gen)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images.round().clamp(0, 255).to(torch.uint8))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
+    return raw
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path: Path) -> Path:
+    """A data root holding tiny learnable MNIST (300 train, 100 test); load with verify=False."""
+    root = tmp_path / "data"
+    write_tiny_mnist(root)
+    return root
+
+
+# ============================================================================================
+# end of the tiny-MNIST block
+# ============================================================================================
