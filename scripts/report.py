@@ -1,0 +1,31 @@
+"""Turn a sweep dir into report.md and figures (written into the sweep dir itself).
+
+    python scripts/report.py outputs/multirun/convergence/<stamp>
+    python scripts/report.py outputs/multirun/convergence/<stamp> --target 0.97
+
+Tiny CPU recipe: run a smoke sweep first (see README), then point this at its sweep dir.
+"""
+import argparse
+import sys
+
+from bnexp.report import ReportError, write_report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep dir holding one run dir per (norm, lr, seed)")
+    parser.add_argument("--target", type=float, default=0.95, help="test accuracy the speed-ups are measured at")
+    args = parser.parse_args(argv)
+    try:
+        report, figures = write_report(args.sweep_dir, target=args.target)
+    except ReportError as err:
+        print(f"report.py: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report:  {report}")
+    for fig in figures:
+        print(f"figure:  {fig}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

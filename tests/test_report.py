@@ -1,0 +1,316 @@
+"""Tests for bnexp.report on synthetic sweep dirs with known answers.
+
+The synthetic sweep (budget 1000 steps, eval every 100, two seeds per group) is written by
+write_run(): summary.json per the design.md contract plus real TensorBoard event files. Its
+test/acc curve is a step function consistent with the summary's steps_to_test_acc.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from bnexp import report as rep
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET, EVAL_EVERY, N_LOSS = 1000, 100, 150
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def acc_curve(s90, s95, s97, last_step):
+    """Eval steps and a step-function test accuracy that crosses 0.90/0.95/0.97 exactly at s90/s95/s97."""
+    steps = np.arange(0, last_step + 1, EVAL_EVERY)
+    acc = np.full(len(steps), 0.5)
+    for start, value in ((s90, 0.9), (s95, 0.95), (s97, 0.97)):
+        if start is not None:
+            acc[steps >= start] = value
+    return steps, acc
+
+
+def write_run(sweep, rel, norm, lr, seed, steps_to, final_acc, status="completed", steps_done=BUDGET,
+              name="convergence", loss_bumps=()):
+    """One synthetic run dir: summary.json + event files (test/acc, train/loss, act/layer1..3)."""
+    run_dir = sweep / rel
+    run_dir.mkdir(parents=True)
+    s90, s95, s97 = steps_to
+    summary = {
+        "status": status, "norm": norm, "seed": seed, "steps_done": steps_done,
+        "diverged_at_step": steps_done if status == "diverged" else None,
+        "final": {"train_loss": 0.1, "val_acc": final_acc, "test_acc": final_acc, "test_loss": 0.2},
+        "steps_to_test_acc": {"0.90": s90, "0.95": s95, "0.97": s97, "0.98": None},
+        "wall_s": 1.0, "train_steps_per_s": 1000.0,
+        "config": {"name": name, "norm.name": norm, "optim.name": "sgd", "optim.lr": lr, "seed": seed,
+                   "train.steps": BUDGET, "train.batch_size": 60, "train.eval_every": EVAL_EVERY,
+                   "model.widths": "[100, 100, 100]"},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))  # NaN final acc is written as NaN
+    writer = SummaryWriter(str(run_dir))
+    for step, acc in zip(*acc_curve(s90, s95, s97, steps_done)):
+        writer.add_scalar("test/acc", acc, int(step))
+        for layer in (1, 2, 3):
+            for q, offset in (("p15", -1.0), ("p50", 0.0), ("p85", 1.0)):
+                writer.add_scalar(f"act/layer{layer}/{q}", offset + step / 1000 * (norm == "none"), int(step))
+    bumps = dict(loss_bumps)
+    for step in range(1, min(N_LOSS, steps_done) + 1):
+        # exactly representable in float32, so differences below are exact
+        writer.add_scalar("train/loss", 2.0 - step / 256 + seed / 64 + bumps.get(step, 0.0), step)
+    writer.close()
+    return run_dir
+
+
+# (norm, lr, seed) -> (steps to 0.90/0.95/0.97, final test acc, status, steps_done)
+SWEEP = {
+    ("none", 0.1, 0): ((600, None, None), 0.93, "completed", BUDGET),
+    ("none", 0.1, 1): ((800, None, None), 0.94, "completed", BUDGET),
+    ("none", 1.0, 0): ((200, 400, None), 0.96, "completed", BUDGET),
+    ("none", 1.0, 1): ((300, 600, 900), 0.97, "completed", BUDGET),
+    ("none", 10.0, 0): ((None, None, None), math.nan, "diverged", 50),
+    ("none", 10.0, 1): ((400, None, None), 0.92, "interrupted", 500),
+    ("custom", 0.1, 0): ((200, 300, 700), 0.975, "completed", BUDGET),
+    ("custom", 0.1, 1): ((200, 500, None), 0.968, "completed", BUDGET),
+    ("custom", 1.0, 0): ((100, 200, 300), 0.98, "completed", BUDGET),
+    ("custom", 1.0, 1): ((100, 300, 400), 0.981, "completed", BUDGET),
+    ("custom", 10.0, 0): ((100, 200, 300), 0.982, "completed", BUDGET),
+    ("custom", 10.0, 1): ((100, 200, 300), 0.983, "completed", BUDGET),
+}
+# native = custom at lr 0.1 and 1 (no native at lr 10); final acc shifted by these amounts
+NATIVE_ACC_SHIFT = {(0.1, 0): 0.0, (0.1, 1): 0.001, (1.0, 0): 0.0, (1.0, 1): -0.002}
+# train/loss bumps: one inside the first 100 steps (counted), one after them (ignored)
+NATIVE_LOSS_BUMPS = {(0.1, 0): {7: 2.0**-12}, (1.0, 0): {120: 0.5}}
+
+
+def write_sweep(sweep: Path) -> Path:
+    """The synthetic sweep above, some runs nested one level deeper, plus one dir without a summary."""
+    for (norm, lr, seed), (steps, acc, status, done) in SWEEP.items():
+        nest = "lr10/" if lr == 10.0 else ""
+        write_run(sweep, f"{nest}norm={norm},optim.lr={lr:g},seed={seed}", norm, lr, seed, steps, acc, status, done)
+        if norm == "custom" and lr != 10.0:
+            write_run(sweep, f"norm=native,optim.lr={lr:g},seed={seed}", "native", lr, seed, steps,
+                      acc + NATIVE_ACC_SHIFT[(lr, seed)], status, done, loss_bumps=NATIVE_LOSS_BUMPS.get((lr, seed), {}))
+    (sweep / "norm=none,optim.lr=0.1,seed=2" / ".hydra").mkdir(parents=True)  # crashed before summary.json
+    (sweep / ".submitit" / "123").mkdir(parents=True)  # launcher bookkeeping: not a run
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    return write_sweep(tmp_path_factory.mktemp("sweep"))
+
+
+@pytest.fixture(scope="module")
+def summary(sweep) -> dict:
+    return rep.summarize(rep.load_runs(sweep), 0.95, rep.dirs_without_summary(sweep))
+
+
+def group(summary, norm, lr) -> dict:
+    (g,) = [g for g in summary["groups"] if g["norm"] == norm and g["lr"] == lr]
+    return g
+
+
+def test_load_runs_finds_nested_runs_and_curves(sweep):
+    """Every summary.json is found, nested ones too; curves come back from the event files."""
+    runs = rep.load_runs(sweep)
+    assert len(runs) == 16
+    nested = [r for r in runs if r.lr == 10.0]
+    assert len(nested) == 4 and all(r.path.parent.name == "lr10" for r in nested)
+    run = next(r for r in runs if (r.norm, r.lr, r.seed) == ("none", 10.0, 0))
+    steps, acc = run.curves["test/acc"]
+    assert steps.tolist() == [0] and run.status == "diverged" and math.isnan(run.final_test_acc)
+    assert run.curves["train/loss"][0].tolist() == list(range(1, 51))
+
+
+def test_dirs_without_summary(sweep):
+    """A run dir that crashed before summary.json counts; hidden launcher dirs and parents do not."""
+    assert [p.name for p in rep.dirs_without_summary(sweep)] == ["norm=none,optim.lr=0.1,seed=2"]
+
+
+def test_counts(summary):
+    c = summary["counts"]
+    assert (c["runs"], c["completed"], c["diverged"], c["interrupted"]) == (16, 14, 1, 1)
+    assert len(c["without_summary"]) == 1
+    assert summary["experiment"] == "convergence" and summary["budgets"] == [1000]
+    assert summary["varying_keys"] == []
+
+
+def test_group_order_and_status_counts(summary):
+    keys = [(g["norm"], g["lr"]) for g in summary["groups"]]
+    assert keys == [("none", 0.1), ("none", 1.0), ("none", 10.0), ("custom", 0.1), ("custom", 1.0),
+                    ("custom", 10.0), ("native", 0.1), ("native", 1.0)]
+    g = group(summary, "none", 10.0)
+    assert (g["runs"], g["diverged"], g["interrupted"]) == (2, 1, 1)
+
+
+def test_steps_to_target_mean_std_and_reached(summary):
+    """Mean and sample std over the seeds that reached it; k/n counts every seed."""
+    s = group(summary, "custom", 0.1)["steps_to"]
+    assert (s[0.95]["mean"], s[0.95]["std"], s[0.95]["reached"], s[0.95]["n"]) == (400, pytest.approx(100 * 2**0.5), 2, 2)
+    assert (s[0.97]["mean"], s[0.97]["std"], s[0.97]["reached"]) == (700, None, 1)
+    assert s[0.97]["censored_mean"] == (700 + 1000) / 2
+    s = group(summary, "none", 0.1)["steps_to"]
+    assert (s[0.90]["mean"], s[0.90]["std"]) == (700, pytest.approx(100 * 2**0.5))
+    assert (s[0.95]["mean"], s[0.95]["reached"], s[0.95]["censored_mean"]) == (None, 0, 1000)
+    # diverged run censored at the budget, interrupted one at its steps_done
+    assert group(summary, "none", 10.0)["steps_to"][0.95]["censored_mean"] == (1000 + 500) / 2
+
+
+def test_final_test_acc_skips_nan(summary):
+    acc = group(summary, "none", 10.0)["final_test_acc"]
+    assert (acc["mean"], acc["std"], acc["n"]) == (0.92, None, 1)
+    acc = group(summary, "none", 1.0)["final_test_acc"]
+    assert acc["mean"] == pytest.approx(0.965) and acc["std"] == pytest.approx(0.01 / 2**0.5)
+
+
+def test_speedups_per_lr(summary):
+    """Exact where both reached; a lower bound where none never did (budget / steps)."""
+    got = {(s["norm"], s["lr"]): (s["ratio"], s["kind"]) for s in summary["speedup"]["by_lr"]}
+    assert got == {
+        ("custom", 0.1): (pytest.approx(1000 / 400), ">"),   # none: 0/2 within 1000 steps
+        ("custom", 1.0): (pytest.approx(500 / 250), "="),
+        ("custom", 10.0): (pytest.approx(750 / 200), ">"),   # none: diverged (1000) + interrupted at 500
+        ("native", 0.1): (pytest.approx(1000 / 400), ">"),
+        ("native", 1.0): (pytest.approx(500 / 250), "="),
+    }
+
+
+def test_speedups_at_best_lr(summary):
+    sp = summary["speedup"]
+    assert sp["none_best_lr"] == 1.0
+    best = {b["norm"]: (b["lr"], b["ratio"], b["kind"]) for b in sp["best"]}
+    assert best == {"custom": (10.0, pytest.approx(500 / 200), "="), "native": (1.0, pytest.approx(500 / 250), "=")}
+
+
+def test_speedup_ratio_bounds():
+    """Lower bound when the base missed, upper bound when the variant missed, n/a when both did."""
+    stats = lambda reached, n, cm: {"reached": reached, "n": n, "censored_mean": cm}
+    assert rep.speedup_ratio(stats(2, 2, 600), stats(2, 2, 300)) == (2.0, "=")
+    assert rep.speedup_ratio(stats(1, 2, 800), stats(2, 2, 200)) == (4.0, ">")
+    assert rep.speedup_ratio(stats(2, 2, 600), stats(0, 2, 1000)) == (0.6, "<")
+    assert rep.speedup_ratio(stats(0, 2, 1000), stats(1, 2, 700)) == (None, "n/a")
+    assert rep.fmt_ratio(4.0, ">") == "> 4.00x" and rep.fmt_ratio(None, "n/a") == "n/a"
+
+
+def test_agreement(summary):
+    """Max |diff| of final test acc over matching (lr, seed); of train/loss over the first 100 steps only."""
+    ag = summary["agreement"]
+    assert (ag["pairs"], ag["acc_pairs"], ag["loss_pairs"]) == (4, 4, 4)
+    assert ag["max_acc_diff"] == pytest.approx(0.002) and ag["max_acc_pair"] == (1.0, 1)
+    assert ag["max_loss_diff"] == 2.0**-12 and ag["max_loss_pair"] == (0.1, 0)
+    assert ag["matches"] is True
+
+
+def test_agreement_flags_a_mismatch(tmp_path):
+    write_run(tmp_path, "c", "custom", 1.0, 0, (100, 200, 300), 0.98)
+    write_run(tmp_path, "n", "native", 1.0, 0, (100, 200, 300), 0.90, loss_bumps={3: 0.25})
+    ag = rep.agreement(rep.load_runs(tmp_path))
+    assert ag["max_acc_diff"] == pytest.approx(0.08) and ag["max_loss_diff"] == 0.25 and ag["matches"] is False
+
+
+def test_conclusion_is_built_from_the_numbers(summary):
+    text = summary["conclusion"]
+    assert text.startswith("Within 1000 steps, test accuracy 0.95 was reached by none with every seed at lr 1; "
+                           "custom with every seed at lr 0.1, 1, 10; native with every seed at lr 0.1, 1.")
+    assert "custom over none ranges from 2.00x at lr 1 (a large gap) to > 3.75x at lr 10" in text
+    assert "custom (lr 10) 2.50x, native (lr 1) 2.00x" in text
+    assert "none at lr 10: 1/2 diverged, 1/2 interrupted" in text
+    assert text.endswith("(allowed 0.001).") and "custom matches native" in text
+
+
+def test_target_from_curve_when_not_in_summary(sweep):
+    """A target missing from steps_to_test_acc is found on the test/acc curve."""
+    runs = rep.load_runs(sweep)
+    run = next(r for r in runs if (r.norm, r.lr, r.seed) == ("custom", 0.1, 1))
+    assert run.steps_to(0.93) == 500 and run.steps_to(0.99) is None and run.steps_to(0.9) == 200
+    s = rep.summarize(runs, target=0.93)
+    assert s["thresholds"] == [0.9, 0.93, 0.95, 0.97]
+
+
+def test_bad_target():
+    with pytest.raises(rep.ReportError, match="target 1.5 is not a test accuracy"):
+        rep.summarize([], target=1.5)
+
+
+def test_write_report_markdown_and_figures(tmp_path):
+    """report.md has the table rows we can compute by hand; figures are real PNGs."""
+    sweep = write_sweep(tmp_path / "sweep")
+    report, figures = rep.write_report(sweep)
+    text = report.read_text()
+    assert "| none | 0.1 | 2 | 0 | 0 | 700 +- 141 (2/2) | > 1000 (0/2) | > 1000 (0/2) | 0.9350 +- 0.0071 |" in text
+    assert "| none | 10 | 2 | 1 | 1 | 400 (1/2) | > 750 (0/2) | > 750 (0/2) | 0.9200 (1/2 finite) |" in text
+    assert "| custom | 0.1 | > 1000 (0/2) | 400 +- 141 (2/2) | > 2.50x |" in text
+    assert "| custom | 10 | 200 +- 0 (2/2) | 2.50x |" in text
+    assert "Run dirs without summary.json (not counted below): 1" in text
+    assert [f.name for f in figures] == ["test_acc.png", "activations.png", "steps_to_target.png"]
+    for fig in figures:
+        data = fig.read_bytes()
+        assert len(data) > 1000 and data[:8] == PNG_MAGIC
+        assert f"![{fig.name}]({fig.name})" in text
+    assert "at lr 0.1, seed 0, last hidden layer 3" in text
+
+
+def test_activation_pair_prefers_native_and_healthy_runs(sweep):
+    base, run, layer = rep.pick_activation_pair(rep.load_runs(sweep))
+    assert (base.norm, run.norm, run.lr, run.seed, layer) == ("none", "native", 0.1, 0, 3)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_error_missing_dir(tmp_path):
+    with pytest.raises(rep.ReportError, match="does not exist"):
+        rep.load_runs(tmp_path / "nope")
+
+
+def test_error_empty_dir(tmp_path):
+    with pytest.raises(rep.ReportError, match="is empty"):
+        rep.load_runs(tmp_path)
+
+
+def test_error_no_runs(tmp_path):
+    (tmp_path / "a" / ".hydra").mkdir(parents=True)
+    with pytest.raises(rep.ReportError, match=r"no summary.json anywhere below it \(1 run dirs without one\)"):
+        rep.load_runs(tmp_path)
+
+
+def test_error_mixed_experiments(tmp_path):
+    write_run(tmp_path, "a", "none", 1.0, 0, (100, 200, 300), 0.98, name="convergence")
+    write_run(tmp_path, "b", "none", 1.0, 1, (100, 200, 300), 0.98, name="ioffe2015")
+    with pytest.raises(rep.ReportError, match=r"runs mix experiments \(convergence: 1 runs, .*; ioffe2015: 1 runs"):
+        rep.load_runs(tmp_path)
+
+
+def test_error_bad_summary(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text('{"status": "completed"}')
+    with pytest.raises(rep.ReportError, match="summary.json lacks norm, seed"):
+        rep.load_runs(tmp_path)
+    (tmp_path / "a" / "summary.json").write_text("{not json")
+    with pytest.raises(rep.ReportError, match="cannot read as JSON"):
+        rep.load_runs(tmp_path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    proc = run_cli(tmp_path / "missing")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_writes_report(tmp_path):
+    write_run(tmp_path, "norm=none,seed=0", "none", 1.0, 0, (200, 400, None), 0.96)
+    write_run(tmp_path, "norm=native,seed=0", "native", 1.0, 0, (100, 200, 300), 0.98)
+    proc = run_cli(tmp_path, "--target", "0.97")
+    assert proc.returncode == 0, proc.stderr
+    assert f"report:  {tmp_path / 'report.md'}" in proc.stdout and proc.stdout.count("figure:") == 3
+    assert "| native | 1 | > 1000 (0/1) | 300 (1/1) | > 3.33x |" in (tmp_path / "report.md").read_text()
