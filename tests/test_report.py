@@ -126,6 +126,21 @@ def test_load_runs_finds_nested_runs_and_curves(sweep):
     assert run.curves["train/loss"][0].tolist() == list(range(1, 51))
 
 
+def test_resumed_run_curve_is_continuous(tmp_path):
+    """Events a killed process wrote after the resume point are dropped (purge_step marker)."""
+    first = SummaryWriter(str(tmp_path))
+    for step in range(1, 61):
+        first.add_scalar("train/loss", 1.0, step)
+    first.close()
+    resumed = SummaryWriter(str(tmp_path), purge_step=41)
+    for step in range(41, 51):  # stopped again before step 60: steps 51..60 of the first process are stale
+        resumed.add_scalar("train/loss", 2.0, step)
+    resumed.close()
+    steps, loss = rep.read_curves(tmp_path)["train/loss"]
+    assert steps.tolist() == list(range(1, 51))
+    assert loss.tolist() == [1.0] * 40 + [2.0] * 10
+
+
 def test_dirs_without_summary(sweep):
     """A run dir that crashed before summary.json counts; hidden launcher dirs and parents do not."""
     assert [p.name for p in rep.dirs_without_summary(sweep)] == ["norm=none,optim.lr=0.1,seed=2"]
