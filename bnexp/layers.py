@@ -1,0 +1,451 @@
+"""Batch normalization written from its formulas: ``batch_norm`` and ``BatchNorm1d``.
+
+Drop-in replacements for ``torch.nn.functional.batch_norm`` and ``torch.nn.BatchNorm1d``
+(same signatures, parameter and buffer names, running-statistics rules and error messages),
+built from tensor arithmetic only. The training-mode layer is a ``torch.autograd.Function``
+with the analytic backward pass, so it saves one normalized copy of the input and a
+per-channel ``1/std`` instead of letting autograd record every intermediate.
+
+The math, per channel c over the n = N (or N * L) values of a batch:
+
+    mean    = sum(x) / n
+    var     = sum((x - mean)^2) / n                 # biased: used to normalize
+    x_hat   = (x - mean) / sqrt(var + eps)
+    y       = weight * x_hat + bias
+    running = (1 - momentum) * running + momentum * batch_stat
+              (batch_stat is mean, or the UNBIASED var * n / (n - 1))
+
+Backward with g = dy * weight (Ioffe & Szegedy 2015, Sec. 3):
+
+    dx      = inv_std / n * (n * g - sum(g) - x_hat * sum(g * x_hat))
+    dweight = sum(dy * x_hat)
+    dbias   = sum(dy)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["batch_norm", "BatchNorm1d", "batch_norm_reference"]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch-normalize ``input`` of shape (N, C, *) per channel C, like ``F.batch_norm``.
+
+    training=True normalizes with the batch statistics and, where running_mean /
+    running_var are given, updates them in place with ``momentum`` (the variance
+    update uses the unbiased batch variance). training=False normalizes with the
+    running statistics, which must then be given.
+    """
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if training:
+        return _TrainingBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+    if _needs_grad(input, weight, bias):
+        return _EvalBatchNorm.apply(input, weight, bias, running_mean, running_var, eps)
+    scale, shift = _eval_scale_shift(weight, bias, running_mean, running_var, eps)
+    shape = _channel_shape(input)
+    return torch.addcmul(shift.view(shape), input, scale.view(shape))
+
+
+def batch_norm_reference(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training-mode formulas in plain tensor ops, differentiated by autograd.
+
+    Returns (output, batch mean, unbiased batch variance). Slow in eager mode (autograd
+    records every step); it is the function that ``BatchNorm1d(compile=True)`` hands to
+    ``torch.compile``, which fuses it into a few loops forward and backward.
+    """
+    dims, shape, n = _reduce_dims(input), _channel_shape(input), _values_per_channel(input)
+    mean = input.sum(dims) / n
+    centered = input - mean.view(shape)
+    var_sum = (centered * centered).sum(dims)
+    x_hat = centered * torch.rsqrt(var_sum / n + eps).view(shape)
+    output = _affine(x_hat, weight, bias, shape)
+    return output, mean.detach(), (var_sum / (n - 1)).detach()
+
+
+class _TrainingBatchNorm(torch.autograd.Function):
+    """Training mode: batch statistics, in-place running update, analytic backward."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps):
+        dims, shape, n = _reduce_dims(input), _channel_shape(input), _values_per_channel(input)
+        mean = input.sum(dims).div_(n)
+        x_hat = input - mean.view(shape)  # centered for now; normalized in place below
+        squares = x_hat * x_hat  # note: an N*C temporary; reused as the output buffer
+        var_sum = squares.sum(dims)
+        inv_std = torch.rsqrt(var_sum / n + eps)
+        x_hat.mul_(inv_std.view(shape))
+        output = _affine(x_hat, weight, bias, shape, out=squares)
+        _update_running(running_mean, mean, momentum)
+        _update_running(running_var, var_sum.div_(n - 1), momentum)
+        if weight is None:
+            # x_hat is the output: saving the input instead keeps a later in-place op on
+            # the output from corrupting the backward pass (torch saves the input too)
+            ctx.save_for_backward(input, mean, inv_std)
+        else:
+            ctx.save_for_backward(x_hat, inv_std, weight)
+        ctx.has_weight = weight is not None
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.has_weight:
+            x_hat, inv_std, weight = ctx.saved_tensors
+            scale = inv_std * weight
+        else:
+            input, mean, inv_std = ctx.saved_tensors
+            shape = _channel_shape(input)
+            x_hat = (input - mean.view(shape)).mul_(inv_std.view(shape))  # one extra pass
+            scale, weight = inv_std, None
+        dims, shape, n = _reduce_dims(x_hat), _channel_shape(x_hat), _values_per_channel(x_hat)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_bias = grad_output.sum(dims)
+        product = grad_output * x_hat  # note: an N*C temporary; reused for grad_input
+        grad_weight = product.sum(dims)
+        grad_input = None
+        if need_input:
+            # dx = scale * dy - scale/n * (sum(dy) + x_hat * sum(dy * x_hat))
+            minus_scale_n = scale / -n
+            grad_input = torch.addcmul(
+                (minus_scale_n * grad_bias).view(shape),
+                x_hat,
+                (minus_scale_n * grad_weight).view(shape),
+                out=product,
+            )
+            grad_input.addcmul_(grad_output, scale.view(shape))
+        return (
+            grad_input,
+            grad_weight if need_weight else None,
+            grad_bias if need_bias else None,
+            None, None, None, None,
+        )
+
+
+class _EvalBatchNorm(torch.autograd.Function):
+    """Evaluation mode with gradients: running statistics, no update."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps):
+        scale, shift = _eval_scale_shift(weight, bias, running_mean, running_var, eps)
+        shape = _channel_shape(input)
+        inv_std = torch.rsqrt(running_var + eps)
+        ctx.save_for_backward(input, running_mean, inv_std, scale)
+        return torch.addcmul(shift.view(shape), input, scale.view(shape))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, running_mean, inv_std, scale = ctx.saved_tensors
+        dims, shape = _reduce_dims(input), _channel_shape(input)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_input = grad_output * scale.view(shape) if need_input else None
+        grad_weight = None
+        if need_weight:
+            # x_hat recomputed from the saved input: memory traded for one extra pass
+            x_hat = (input - running_mean.view(shape)).mul_(inv_std.view(shape))
+            grad_weight = (grad_output * x_hat).sum(dims)
+        grad_bias = grad_output.sum(dims) if need_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None
+
+
+class BatchNorm1d(nn.Module):
+    r"""Batch normalization over a 2D (N, C) or 3D (N, C, L) input, written from the formulas.
+
+    A drop-in for ``torch.nn.BatchNorm1d`` (Ioffe & Szegedy 2015,
+    https://arxiv.org/abs/1502.03167): same arguments, the same parameters and buffers
+    under the same names, so a ``state_dict`` loads strictly into either class.
+
+    In training mode each channel c is normalized with the statistics of the batch,
+    taken over the n = N (or N * L) values of that channel:
+
+    .. math::
+
+        \mu_c = \frac{1}{n} \sum_j x_{jc} \qquad
+        \sigma^2_c = \frac{1}{n} \sum_j (x_{jc} - \mu_c)^2
+
+        \hat{x}_{jc} = \frac{x_{jc} - \mu_c}{\sqrt{\sigma^2_c + \epsilon}} \qquad
+        y_{jc} = \gamma_c \hat{x}_{jc} + \beta_c
+
+    and the running estimates used later in evaluation mode are updated in place:
+
+    .. math::
+
+        \hat{\mu} \leftarrow (1 - m)\,\hat{\mu} + m\,\mu_c \qquad
+        \hat{\sigma}^2 \leftarrow (1 - m)\,\hat{\sigma}^2 + m\,\frac{n}{n - 1}\,\sigma^2_c
+
+    The subtlety: the output is normalized with the *biased* variance :math:`\sigma^2_c`
+    (divide by n, ``torch.var(x, correction=0)``), while the running variance averages the
+    *unbiased* one (divide by n - 1, ``correction=1``), the estimate of the population
+    variance that evaluation uses (Ioffe & Szegedy, Algorithm 2). ``num_batches_tracked``
+    counts training forward passes; with ``momentum=None`` the factor m is
+    ``1 / num_batches_tracked``, a cumulative average in which the first batch replaces the
+    initial zeros and ones entirely.
+
+    Choosing :math:`\gamma = \sqrt{\sigma^2 + \epsilon}` and :math:`\beta = \mu` makes the
+    layer the identity, so normalizing loses nothing the network cannot undo.
+
+    In evaluation mode the running estimates replace the batch statistics and nothing is
+    updated; with ``track_running_stats=False`` there are none and batch statistics are
+    used in both modes.
+
+    Args:
+        num_features: number of features or channels C of the input
+        eps: added to the variance before the square root, for numerical stability.
+            Default: 1e-5
+        momentum: weight m of the newest batch in the running estimates; ``None`` for a
+            cumulative (simple) average. Default: 0.1
+        affine: learnable per-channel scale ``weight`` (init 1) and shift ``bias``
+            (init 0). Default: ``True``
+        track_running_stats: keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked``; when ``False`` they are ``None``. Default: ``True``
+        device, dtype: where and in which precision parameters and buffers are made
+        bias: with ``affine``, also learn the shift (keyword only, as in torch).
+            Default: ``True``
+        compile: run the plain-tensor formulas (:func:`batch_norm_reference`) through
+            ``torch.compile`` instead of the hand-written backward (keyword only; not part
+            of torch's signature). The first call of each shape compiles (seconds).
+            Default: ``False``
+
+    Shape:
+        - Input: (N, C) or (N, C, L)
+        - Output: same shape as the input
+
+    Example::
+
+        >>> m = BatchNorm1d(100)
+        >>> x = torch.randn(20, 100) * 3 + 5
+        >>> y = m(x)  # training mode: each column of y has mean 0, variance ~1
+        >>> m.eval()
+        >>> y = m(x)  # evaluation mode: uses m.running_mean and m.running_var
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.compile = compile
+        like = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **like)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **like)) if affine and bias else None
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **like))
+            self.register_buffer("running_var", torch.ones(num_features, **like))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches seen."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, weight to 1 and bias to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        factor = self._running_factor()
+        use_batch_stats = self.training or self.running_mean is None
+        # buffers are passed only where they are used or updated
+        keep = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep else None
+        running_var = self.running_var if keep else None
+        if self.compile:
+            return _compiled_batch_norm(
+                input, running_mean, running_var, self.weight, self.bias,
+                use_batch_stats, factor, self.eps,
+            )
+        return batch_norm(
+            input, running_mean, running_var, self.weight, self.bias,
+            use_batch_stats, factor, self.eps,
+        )
+
+    def _check_input(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with {self.num_features} features in dim 1 "
+                f"(got {input.shape[1]}; input size {tuple(input.shape)})"
+            )
+
+    def _running_factor(self) -> float:
+        """Count a training batch; return the weight of this batch in the running stats."""
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                # note: float() of a device tensor is a host sync (torch does the same)
+                return 1.0 / float(self.num_batches_tracked)
+        return 0.0 if self.momentum is None else self.momentum
+
+
+def _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``batch_norm`` with the training formulas compiled by ``torch.compile``.
+
+    The running update and the error checks stay outside the compiled function, so a
+    changing momentum (``momentum=None``) does not recompile it.
+    """
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training:
+        return _compiled("eval")(input, running_mean, running_var, weight, bias, eps)
+    output, mean, unbiased_var = _compiled("train")(input, weight, bias, eps)
+    with torch.no_grad():
+        _update_running(running_mean, mean, momentum)
+        _update_running(running_var, unbiased_var, momentum)
+    return output
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(mode: str):
+    """The torch.compile'd reference function for 'train' or 'eval', made once."""
+    if mode not in _COMPILED:
+        fn = batch_norm_reference if mode == "train" else _eval_reference
+        _COMPILED[mode] = torch.compile(fn, dynamic=None)
+    return _COMPILED[mode]
+
+
+def _eval_reference(input, running_mean, running_var, weight, bias, eps):
+    """Evaluation-mode formulas in plain tensor ops (for torch.compile)."""
+    shape = _channel_shape(input)
+    x_hat = (input - running_mean.view(shape)) * torch.rsqrt(running_var + eps).view(shape)
+    return _affine(x_hat, weight, bias, shape)
+
+
+def _affine(x_hat: Tensor, weight, bias, shape, out: Tensor | None = None) -> Tensor:
+    """weight * x_hat + bias, either of them optional; writes into ``out`` when given."""
+    if weight is None:
+        return x_hat if bias is None else torch.add(x_hat, bias.view(shape), out=out)
+    if bias is None:
+        return torch.mul(x_hat, weight.view(shape), out=out)
+    return torch.addcmul(bias.view(shape), x_hat, weight.view(shape), out=out)
+
+
+def _eval_scale_shift(weight, bias, running_mean, running_var, eps):
+    """Per-channel (scale, shift) with y = x * scale + shift in evaluation mode.
+
+    One fused pass over the input, as torch's CPU kernel does it.
+    """
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = running_mean * -scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def _update_running(running: Tensor | None, batch_stat: Tensor, momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch_stat, in place."""
+    if running is not None:
+        running.mul_(1.0 - momentum).add_(batch_stat, alpha=momentum)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _reduce_dims(input: Tensor) -> tuple[int, ...]:
+    """Every dim but the channel dim 1: (0,) for (N, C), (0, 2) for (N, C, L)."""
+    return (0,) if input.dim() == 2 else (0, *range(2, input.dim()))
+
+
+def _channel_shape(input: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against the input: (C,) or (C, 1)."""
+    return (input.shape[1],) + (1,) * (input.dim() - 2)
+
+
+def _values_per_channel(input: Tensor) -> int:
+    return input.numel() // input.shape[1]
+
+
+def _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
+    """Raise a ValueError/TypeError naming the bad argument, as torch's batch_norm does."""
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects input of shape (N, C, *) (got {input.dim()}D input)"
+        )
+    channels = input.shape[1]
+    for name, vector in (
+        ("running_mean", running_mean), ("running_var", running_var),
+        ("weight", weight), ("bias", bias),
+    ):
+        if vector is not None and vector.numel() != channels:
+            raise ValueError(
+                f"expected {name} with {channels} elements, one per channel of the input "
+                f"(got {vector.numel()}; input size {tuple(input.shape)})"
+            )
+    if training:
+        if _values_per_channel(input) == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, "
+                f"got input size {input.size()}"
+            )
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if not isinstance(momentum, (int, float)):
+            raise TypeError(f"batch_norm momentum must be a float, got {momentum!r}")
+    else:
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "batch_norm needs running_mean and running_var when training=False "
+                f"(got running_mean={_describe(running_mean)}, running_var={_describe(running_var)})"
+            )
+
+
+def _describe(tensor: Tensor | None) -> str:
+    return "None" if tensor is None else f"a tensor of size {tuple(tensor.shape)}"
