@@ -607,7 +607,7 @@ def plot_activations(runs: list[Run], path: Path) -> tuple[Path, str] | None:
     fig = Figure(figsize=(4.5 * len(shown), 3.5), layout="constrained")
     axes = fig.subplots(1, len(shown), squeeze=False, sharey=True)[0]
     for ax, r in zip(axes, shown):
-        for p, style in (("p15", "--"), ("p50", "-"), ("p85", "--")):
+        for p, style in (("p15", ":"), ("p50", "-"), ("p85", "--")):
             steps, vals = r.curves[f"act/layer{_last_layer(r)}/{p}"]
             ax.plot(steps, vals, style, color=COLORS.get(r.norm), label=p)
         ax.set(title=f"{r.norm} ({r.status})", xlabel="step")
