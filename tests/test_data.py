@@ -51,6 +51,18 @@ def test_idx_round_trip_images_and_labels(tmp_path):
     assert len(img_bytes) == 16 + 7 * 784 and len(lab_bytes) == 8 + 7
 
 
+@pytest.mark.parametrize("shape", [(0,), (0, 28, 28)])
+def test_idx_round_trip_empty(tmp_path, shape):
+    """A file of zero items reads back as an empty tensor of the right shape."""
+    write_idx(tmp_path / "f", torch.zeros(shape, dtype=torch.uint8))
+    assert read_idx(tmp_path / "f").shape == shape
+
+
+def test_read_idx_names_a_missing_file(tmp_path):
+    with pytest.raises(DataError, match=rf"{tmp_path / 'nope'}: cannot read it: No such file"):
+        read_idx(tmp_path / "nope")
+
+
 def test_write_idx_replaces_whole_file_and_leaves_no_temp(tmp_path):
     """A second write replaces the first and no temp file is left behind."""
     path = tmp_path / "lab"
