@@ -48,3 +48,47 @@ def tiny_mnist(tmp_path: Path) -> Path:
 # ============================================================================================
 # end of the tiny-MNIST block
 # ============================================================================================
+
+
+# ============================================================================================
+# Configs and runs (config, model, train, CLI tests)
+# ============================================================================================
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from bnexp.config import PROJECT_ROOT, register_configs, to_config  # noqa: E402
+
+CONF_DIR = PROJECT_ROOT / "conf"
+TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
+
+# A run small enough for unit tests: two hidden layers of 16, 60 steps on tiny data.
+TINY_OVERRIDES = [
+    "model.widths=[16,16]", "train.steps=60", "train.batch_size=20", "train.eval_every=20",
+    "train.checkpoint_every=20", "data.val_size=50", "data.verify=false", "threads=1",
+    "device=cpu",
+]
+
+
+def compose_config(overrides: list[str] = ()):
+    """Compose conf/config.yaml with overrides exactly as scripts/train.py does (no run dir)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def tiny_config(data_root: Path, *overrides: str):
+    """A validated Config for a seconds-long run on the tiny IDX data at data_root."""
+    return to_config(compose_config([*TINY_OVERRIDES, f"data.root={data_root}", *overrides]))
+
+
+def run_script(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
+               script: Path = TRAIN_SCRIPT) -> subprocess.CompletedProcess:
+    """Run a bnexp script as a user would, in cwd, capturing its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,73 @@
+"""Glue between Hydra and bnexp.train: run dir, threads, exit codes, user errors as one line.
+
+scripts/train.py is a thin @hydra.main around `main`; everything Hydra-specific lives here so
+that bnexp.train stays a plain function that tests call directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from bnexp.checkpoint import CheckpointError
+from bnexp.config import ConfigError, to_config
+from bnexp.data import DataError
+from bnexp.runtime import resolve_threads, set_threads
+from bnexp.train import RunInterrupted, train
+
+log = logging.getLogger("bnexp")
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+POOR_OBJECTIVE = 0.0  # what a diverged run returns to a sweeper: below chance (0.1), never NaN
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line and exit; HYDRA_FULL_ERROR=1 shows the traceback instead."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise
+    print(f"error: {message}", file=sys.stderr)  # not log.error: Hydra's console handler would repeat it
+    sys.exit(code)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run: the same overrides, the same run dir."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
+    return shlex.join([sys.executable, sys.argv[0], *overrides, f"hydra.run.dir={run_dir}"])
+
+
+def parallel_jobs() -> int:
+    """How many jobs of this sweep share the machine (the joblib launcher's n_jobs; else 1)."""
+    n = HydraConfig.get().launcher.get("n_jobs", 1) or 1
+    return os.cpu_count() or 1 if n < 0 else n
+
+
+def main(hydra_cfg: DictConfig) -> float:
+    """Validate, train, summarize one job; return the sweep objective (final val accuracy)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg = to_config(hydra_cfg)
+        set_threads(resolve_threads(cfg.threads, parallel_jobs()))
+        summary = train(cfg, run_dir)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    except RunInterrupted as stop:
+        print(f"interrupted at step {stop.summary['steps_done']}; checkpoint saved. Resume with:\n"
+              f"  {resume_command(run_dir)}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    report_job(summary)
+    val_acc = summary["final"]["val_acc"]
+    return val_acc if summary["status"] == "completed" and val_acc == val_acc else POOR_OBJECTIVE
+
+
+def report_job(summary: dict) -> None:
+    """One line per finished job: what the sweep's console log shows instead of interleaved bars."""
+    c, f = summary["config"], summary["final"]
+    val = "n/a" if f["val_acc"] is None or f["val_acc"] != f["val_acc"] else f"{f['val_acc']:.4f}"
+    log.info("done %s: norm=%s lr=%s seed=%s val_acc=%s steps=%d time=%.1fs",
+             summary["status"], c["norm.name"], c["optim.lr"], c["seed"], val,
+             summary["steps_done"], summary["wall_s"])

@@ -1,0 +1,178 @@
+"""Config schema, registration with Hydra, and value checks.
+
+The dataclasses below are registered in Hydra's ConfigStore, so a wrong *type* (``seed=abc``)
+fails when Hydra merges the overrides. Wrong *values* (``optim.lr=-1``) fail in `validate`,
+before any data is loaded or any file is written, with one line that names the key, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+NORMS = ("none", "custom", "native")
+ACTIVATIONS = ("sigmoid", "relu", "tanh")
+DEVICES = ("auto", "cpu", "cuda")
+RESUME_MODES = ("auto", "never")
+MNIST_TRAIN_IMAGES = 60_000
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A config value outside what is allowed; the message is one line for the user."""
+
+
+@dataclass
+class NormConfig:
+    name: str = "custom"
+    compile: bool = False
+
+
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+
+
+@dataclass
+class AdamConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+
+
+@dataclass
+class ModelConfig:
+    widths: list[int] = field(default_factory=lambda: [100, 100, 100])
+    activation: str = "sigmoid"
+    init_std: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000
+    batch_size: int = 60
+    eval_every: int = 500
+    log_every: int = 1
+    checkpoint_every: int = 1000
+    resume: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING
+    val_size: int = 10_000
+    normalize: bool = True
+    verify: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    norm: NormConfig = field(default_factory=NormConfig)
+    optim: Any = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    device: str = "auto"
+    threads: str = "auto"
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore and the `bnexp.root` resolver.
+
+    conf/config.yaml names `bnexp_schema` first in its defaults list; conf/optim/*.yaml name
+    `sgd_schema` / `adam_schema`. Safe to call more than once.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="bnexp_schema", node=Config)
+    cs.store(group="norm", name="norm_schema", node=NormConfig)
+    cs.store(group="optim", name="sgd_schema", node=SGDConfig)
+    cs.store(group="optim", name="adam_schema", node=AdamConfig)
+    if not OmegaConf.has_resolver("bnexp.root"):
+        OmegaConf.register_new_resolver("bnexp.root", lambda: str(PROJECT_ROOT))
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn Hydra's composed DictConfig into a validated, plain `Config` object."""
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(key, value, allowed)
+
+
+def _positive_finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def validate(cfg: Config) -> None:
+    """Check every value that the schema's types cannot; raise ConfigError on the first bad one."""
+    _require(cfg.norm.name in NORMS, "norm.name", cfg.norm.name, f"one of {', '.join(NORMS)}")
+    _validate_optim(cfg.optim)
+    m = cfg.model
+    _require(len(m.widths) > 0, "model.widths", m.widths, "a non-empty list of hidden sizes")
+    _require(all(w > 0 for w in m.widths), "model.widths", m.widths, "every hidden size must be >= 1")
+    _require(m.activation in ACTIVATIONS, "model.activation", m.activation, f"one of {', '.join(ACTIVATIONS)}")
+    _require(_positive_finite(m.init_std), "model.init_std", m.init_std, "a finite number > 0")
+    t = cfg.train
+    _require(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
+    min_batch = 1 if cfg.norm.name == "none" else 2
+    _require(t.batch_size >= min_batch, "train.batch_size", t.batch_size,
+             f"an integer >= {min_batch} (batch norm needs 2 samples to estimate a variance)"
+             if min_batch == 2 else "an integer >= 1")
+    for key in ("eval_every", "log_every", "checkpoint_every"):
+        _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
+    _require(t.resume in RESUME_MODES, "train.resume", t.resume, f"one of {', '.join(RESUME_MODES)}")
+    d = cfg.data
+    _require(0 <= d.val_size < MNIST_TRAIN_IMAGES, "data.val_size", d.val_size,
+             f"an integer in [0, {MNIST_TRAIN_IMAGES}) (images held out of the training set)")
+    _require(t.batch_size <= MNIST_TRAIN_IMAGES - d.val_size, "train.batch_size", t.batch_size,
+             f"at most the training set size, {MNIST_TRAIN_IMAGES - d.val_size} images")
+    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
+    _require(cfg.threads == "auto" or (str(cfg.threads).isdigit() and int(cfg.threads) >= 1),
+             "threads", cfg.threads, "'auto' or an integer >= 1")
+
+
+def _validate_optim(optim: SGDConfig | AdamConfig) -> None:
+    _require(_positive_finite(optim.lr), "optim.lr", optim.lr, "a finite number > 0")
+    if isinstance(optim, SGDConfig):
+        _require(0 <= optim.momentum < 1, "optim.momentum", optim.momentum, "a number in [0, 1)")
+
+
+def resolve_data_root(root: str) -> Path:
+    """The data root as an absolute path; relative paths are taken from the current directory."""
+    return Path(os.path.expanduser(root)).resolve()
+
+
+def flatten(cfg: Config | DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config to {"a.b": value}; lists become strings (TensorBoard hparams need scalars)."""
+    if not isinstance(cfg, dict):
+        cfg = OmegaConf.to_container(OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg,
+                                     resolve=True)
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = str(list(value))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,85 @@
+"""The MLP under study and the one factory that picks its normalization."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def make_norm(name: str, num_features: int, compile: bool = False) -> nn.Module:
+    """The normalization after a hidden Linear: none -> Identity, custom -> ours, native -> torch's."""
+    if name == "none":
+        return nn.Identity()
+    if name == "custom":
+        from bnexp import layers
+
+        norm = layers.BatchNorm1d(num_features)
+        return torch.compile(norm) if compile else norm
+    if name == "native":
+        return nn.BatchNorm1d(num_features)
+    raise ValueError(f"norm={name!r} is not known: one of none, custom, native")
+
+
+class HiddenLayer(nn.Module):
+    """Linear -> norm -> activation. With a norm the Linear has no bias: the norm's beta replaces it."""
+
+    def __init__(self, fan_in: int, width: int, norm: str, activation: str, compile: bool = False):
+        super().__init__()
+        self.linear = nn.Linear(fan_in, width, bias=norm == "none")
+        self.norm = make_norm(norm, width, compile)
+        self.activation = ACTIVATIONS[activation]()
+
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """The input to the nonlinearity (what Ioffe & Szegedy 2015 Fig. 1b,c plot)."""
+        return self.norm(self.linear(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.preactivation(x))
+
+
+class MLP(nn.Module):
+    """784 -> widths... -> 10 classifier; `hidden[k]` is TensorBoard's `layer{k+1}`."""
+
+    def __init__(self, widths: list[int], activation: str = "sigmoid", norm: str = "none",
+                 compile: bool = False, in_features: int = 784, classes: int = 10):
+        super().__init__()
+        sizes = [in_features, *widths]
+        self.hidden = nn.ModuleList(
+            HiddenLayer(a, b, norm, activation, compile) for a, b in zip(sizes[:-1], sizes[1:])
+        )
+        self.head = nn.Linear(sizes[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = layer(x)
+        return self.head(x)
+
+    def preactivations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each hidden layer's input to its nonlinearity for the batch x (one forward pass)."""
+        out = []
+        for layer in self.hidden:
+            z = layer.preactivation(x)
+            out.append(z)
+            x = layer.activation(z)
+        return out
+
+    def norm_layers(self) -> dict[str, nn.Module]:
+        """The batch-norm layers by TensorBoard name (`layer1`, ...); empty for norm=none."""
+        return {f"layer{k + 1}": layer.norm for k, layer in enumerate(self.hidden)
+                if not isinstance(layer.norm, nn.Identity)}
+
+
+@torch.no_grad()
+def init_weights(model: MLP, std: float, generator: torch.Generator) -> None:
+    """Gaussian N(0, std) weights and zero biases, drawn in module order from `generator`.
+
+    Every variant draws the same numbers in the same order (norm layers draw none), so custom and
+    native start from identical weights and differ afterwards only by float rounding.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+            if module.bias is not None:
+                module.bias.zero_()

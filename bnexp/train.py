@@ -1,0 +1,406 @@
+"""The step loop: one run from a validated Config to summary.json. Knows nothing of Hydra.
+
+A run is a sequence of *segments*: stretches of training steps between two *boundaries*
+(multiples of eval_every or checkpoint_every, and the last step). Inside a segment nothing
+touches the host: losses stay on the device. At a boundary the losses are written to
+TensorBoard in bulk, divergence is checked, and the run evaluates and/or checkpoints.
+A resumed run restarts at a checkpoint, which is always a boundary, so its segments (and
+therefore every number it computes) are the same as those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bnexp import checkpoint as ckpt
+from bnexp.config import Config, ConfigError, flatten, resolve_data_root
+from bnexp.data import MNIST, load_mnist
+from bnexp.model import MLP, init_weights
+from bnexp.monitor import Monitor
+from bnexp.runtime import pick_device
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = ("0.90", "0.95", "0.97", "0.98")
+PROBE_SIZE = 1000  # test images whose pre-activations give the act/ percentiles
+IGNORED_ON_RESUME = ("train.resume",)  # keys that may change between a run and its resume
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after it saved a checkpoint and summary.json."""
+
+    def __init__(self, signum: int, summary: dict):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum, self.summary = signum, summary
+
+
+class BatchOrder:
+    """Shuffled epochs sliced into equal batches (the last partial batch of an epoch is dropped).
+
+    A dedicated generator makes the order independent of anything else that draws random
+    numbers; its state and the position in the epoch go into checkpoints.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed ^ 0x5EED)
+        self.perm: torch.Tensor | None = None
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.perm is None or self.pos + self.batch_size > self.n:
+            self.perm = torch.randperm(self.n, generator=self.generator).to(self.device)
+            self.pos = 0
+        idx = self.perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        perm = None if self.perm is None else self.perm.cpu()
+        return {"generator": self.generator.get_state(), "perm": perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm = None if state["perm"] is None else state["perm"].to(self.device)
+        self.pos = state["pos"]
+
+
+@dataclass
+class Progress:
+    """Everything about a run's history that a checkpoint must carry besides tensors."""
+
+    step: int = 0
+    status: str = "running"
+    diverged_at_step: int | None = None
+    evals: list[dict] = field(default_factory=list)
+    loss_sum: float = 0.0  # train losses since the last eval point, for final.train_loss
+    loss_count: int = 0
+    last_train_loss: float = float("nan")
+    train_s: float = 0.0
+    wall_s: float = 0.0
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop polls once per step (a Python bool: no cost)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """SGD (with optional momentum) or Adam, from the optim config group."""
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    if cfg.optim.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.optim.lr)
+    raise ConfigError(f"optim.name={cfg.optim.name!r} is not allowed: one of sgd, adam")
+
+
+@torch.no_grad()
+def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor, chunk: int = 10_000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split in eval mode; (nan, nan) for an empty split."""
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for start in range(0, len(x), chunk):
+        logits = model(x[start:start + chunk])
+        target = y[start:start + chunk]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == target).sum()
+    model.train(was_training)
+    return loss_sum.item() / len(x), correct.item() / len(x)  # note: host sync, once per eval
+
+
+def steps_to_test_acc(evals: list[dict]) -> dict[str, int | None]:
+    """For each threshold, the first evaluated step whose test accuracy reached it, else None."""
+    reached: dict[str, int | None] = {}
+    for t in THRESHOLDS:
+        hits = [e["step"] for e in evals if e["test/acc"] >= float(t)]
+        reached[t] = min(hits) if hits else None
+    return reached
+
+
+def boundaries(cfg: Config):
+    """Is `step` a segment boundary, and is it an eval point / checkpoint point?"""
+    t = cfg.train
+
+    def is_eval(step: int) -> bool:
+        return step % t.eval_every == 0 or step == t.steps
+
+    def is_checkpoint(step: int) -> bool:
+        return step % t.checkpoint_every == 0 or step == t.steps
+
+    def next_boundary(step: int) -> int:
+        nxt = min((step // t.eval_every + 1) * t.eval_every,
+                  (step // t.checkpoint_every + 1) * t.checkpoint_every)
+        return min(nxt, t.steps)
+
+    return is_eval, is_checkpoint, next_boundary
+
+
+class Run:
+    """One training run in one run dir: builds everything, then trains segment by segment."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume_hint: str | None = None):
+        self.cfg, self.run_dir, self.resume_hint = cfg, Path(run_dir), resume_hint
+        self.flat = flatten(cfg)
+        self.device = pick_device(cfg.device)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        saved = self._saved_checkpoint()
+        self.data = self._load_data()
+        torch.manual_seed(cfg.seed)
+        self.model = MLP(cfg.model.widths, cfg.model.activation, cfg.norm.name, cfg.norm.compile)
+        init_weights(self.model, cfg.model.init_std, torch.Generator().manual_seed(cfg.seed))
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.order = BatchOrder(len(self.data.train_x), cfg.train.batch_size, cfg.seed, self.device)
+        self.progress = Progress()
+        if saved is not None:
+            self._restore(saved)
+        purge = self.progress.step + 1 if saved is not None else 0
+        self.monitor = Monitor(self.run_dir, purge_step=purge)
+        self.probe = self.data.test_x[:PROBE_SIZE]
+
+    def _saved_checkpoint(self) -> dict | None:
+        """The checkpoint to resume from (auto), after checking its config matches this run's."""
+        if self.cfg.train.resume == "never":
+            return None
+        saved = ckpt.load_checkpoint(self.run_dir)
+        if saved is None:
+            return None
+        diff = ckpt.config_diff(saved["config"], self.flat, ignore=IGNORED_ON_RESUME)
+        if diff:
+            raise ckpt.CheckpointError(
+                f"{self.run_dir / ckpt.CHECKPOINT} was made with another config; differing keys: "
+                f"{'; '.join(diff)}. Use the same overrides to resume, another hydra.run.dir, "
+                f"or train.resume=never to start over")
+        log.info("resuming from %s at step %d", self.run_dir / ckpt.CHECKPOINT, saved["step"])
+        return saved
+
+    def _load_data(self) -> MNIST:
+        d = self.cfg.data
+        data = load_mnist(resolve_data_root(d.root), val_size=d.val_size, normalize=d.normalize,
+                          device=self.device, verify=d.verify)
+        n = len(data.train_x)
+        if self.cfg.train.batch_size > n:
+            raise ConfigError(f"train.batch_size={self.cfg.train.batch_size} is not allowed: "
+                              f"at most the training set size, {n} images")
+        return data
+
+    def _restore(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.order.load_state_dict(saved["order"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        self.progress = Progress(**saved["progress"])
+        if self.progress.status == "interrupted":
+            self.progress.status = "running"
+
+    def _checkpoint(self) -> None:
+        """Flush TensorBoard, then atomically save model, optimizer, RNGs, data order and history."""
+        self.monitor.flush()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        ckpt.save_checkpoint(self.run_dir, {
+            "step": self.progress.step,
+            "config": self.flat,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "order": self.order.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
+            "progress": vars(self.progress).copy(),
+        })
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train_step(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.data.train_x.index_select(0, idx)
+        y = self.data.train_y.index_select(0, idx)
+        loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def run_segment(self, end: int, stop: StopFlag) -> list[float]:
+        """Train from progress.step up to `end` (or until a signal); return the per-step losses."""
+        losses = torch.empty(end - self.progress.step, device=self.device)
+        done = 0
+        start = time.perf_counter()
+        while done < len(losses) and stop.signum is None:
+            losses[done] = self.train_step(self.order.next())
+            done += 1
+        values = losses[:done].tolist()  # note: the segment's one host sync
+        self.progress.train_s += time.perf_counter() - start
+        self.progress.step += done
+        return values
+
+    def record_losses(self, values: list[float]) -> None:
+        """Log a segment's losses, update the running mean, and detect divergence."""
+        p = self.progress
+        first = p.step - len(values) + 1
+        self.monitor.train_losses(first, torch.tensor(values), self.cfg.train.log_every)
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                p.status, p.diverged_at_step = "diverged", first + i
+                log.warning("loss is %s at step %d: the run diverged (recorded, not an error)",
+                            value, first + i)
+                return
+            p.loss_sum += value
+            p.loss_count += 1
+
+    def evaluate_all(self) -> dict:
+        """Full val and test evaluation, BN running stats and activation percentiles to TensorBoard."""
+        step = self.progress.step
+        val_loss, val_acc = evaluate(self.model, self.data.val_x, self.data.val_y)
+        test_loss, test_acc = evaluate(self.model, self.data.test_x, self.data.test_y)
+        record = {"step": step, "val/loss": val_loss, "val/acc": val_acc,
+                  "test/loss": test_loss, "test/acc": test_acc}
+        self.monitor.evaluation(step, {k: v for k, v in record.items() if k != "step"},
+                                self.optimizer.param_groups[0]["lr"])
+        self.monitor.running_stats(step, self.model.norm_layers())
+        self.model.eval()
+        with torch.no_grad():
+            self.monitor.activations(step, self.model.preactivations(self.probe))
+        self.model.train()
+        p = self.progress
+        if p.loss_count:
+            p.last_train_loss = p.loss_sum / p.loss_count
+        p.loss_sum, p.loss_count = 0.0, 0
+        p.evals.append(record)
+        return record
+
+    def fit(self) -> dict:
+        """Train to cfg.train.steps (or divergence, or a signal); write and return summary.json."""
+        p, cfg = self.progress, self.cfg
+        is_eval, is_checkpoint, next_boundary = boundaries(cfg)
+        if p.status in ("completed", "diverged"):
+            log.info("%s already %s at step %d: nothing to do", self.run_dir, p.status, p.step)
+            self.monitor.close()
+            return self.summary()
+        wall_start = time.perf_counter() - p.wall_s
+        bar = ProgressBar(cfg.train.steps, p.step)
+        self.model.train()
+        with StopFlag() as stop:
+            if p.step == 0 and not p.evals:
+                self._log_eval(self.evaluate_all(), bar)
+            while p.status == "running" and p.step < cfg.train.steps and stop.signum is None:
+                self.record_losses(self.run_segment(next_boundary(p.step), stop))
+                p.wall_s = time.perf_counter() - wall_start
+                if p.status == "diverged" or stop.signum is not None:
+                    break
+                if is_eval(p.step):
+                    self._log_eval(self.evaluate_all(), bar)
+                if is_checkpoint(p.step) and p.step < cfg.train.steps:  # the last one is _finish's
+                    p.wall_s = time.perf_counter() - wall_start
+                    self._checkpoint()
+            bar.close()
+            return self._finish(stop.signum, wall_start)
+
+    def _finish(self, signum: int | None, wall_start: float) -> dict:
+        p = self.progress
+        if signum is not None and p.status == "running":
+            p.status = "interrupted"
+        elif p.status == "running":
+            p.status = "completed"
+        if p.status == "diverged" and p.evals[-1]["step"] != p.step:
+            self.evaluate_all()  # final metrics describe the model as divergence left it
+        # An interrupted run is not evaluated here: an extra eval would change its history, and
+        # the resumed run must end with the same numbers as one never interrupted.
+        p.wall_s = time.perf_counter() - wall_start
+        self._checkpoint()
+        summary = self.summary()
+        if p.status != "interrupted":
+            self.monitor.hparams(self.flat, summary_metrics(p.evals[-1]))
+            buffer = io.BytesIO()
+            torch.save(self.model.state_dict(), buffer)
+            ckpt.atomic_write(self.run_dir / "model.pt", buffer.getvalue())
+        self.monitor.close()
+        ckpt.write_json(self.run_dir / "summary.json", summary)
+        if p.status == "interrupted":
+            raise RunInterrupted(signum, summary)
+        return summary
+
+    def summary(self) -> dict:
+        p, last = self.progress, self.progress.evals[-1]
+        steps_done = p.diverged_at_step if p.status == "diverged" else p.step
+        return {
+            "status": p.status,
+            "norm": self.cfg.norm.name,
+            "seed": self.cfg.seed,
+            "steps_done": steps_done,
+            "diverged_at_step": p.diverged_at_step,
+            "final": {"train_loss": p.last_train_loss, "val_acc": last["val/acc"],
+                      "test_acc": last["test/acc"], "test_loss": last["test/loss"]},
+            "steps_to_test_acc": steps_to_test_acc(p.evals),
+            "wall_s": round(p.wall_s, 3),
+            "train_steps_per_s": round(p.step / p.train_s, 1) if p.train_s > 0 else None,
+            "config": self.flat,
+        }
+
+    def _log_eval(self, record: dict, bar: "ProgressBar") -> None:
+        p = self.progress
+        rate = p.step / p.train_s if p.train_s > 0 else float("nan")
+        bar.update(p.step, p.last_train_loss, record["test/acc"], rate)
+
+
+def summary_metrics(record: dict) -> dict[str, float]:
+    return {k: v for k, v in record.items() if k != "step"}
+
+
+class ProgressBar:
+    """A tqdm bar on a terminal; one plain log line per evaluation otherwise (sweeps, CI, files)."""
+
+    def __init__(self, total: int, initial: int):
+        self.total = total
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, train_loss: float, test_acc: float, steps_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{test_acc:.4f}",
+                                 steps_s=f"{steps_per_s:.0f}")
+        else:
+            log.info("step %d/%d  train_loss %.4f  test_acc %.4f  %.0f steps/s",
+                     step, self.total, train_loss, test_acc, steps_per_s)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: Config, run_dir: Path, resume_hint: str | None = None) -> dict:
+    """Train one run of `cfg` in run_dir (resuming from its checkpoint if any); return the summary."""
+    return Run(cfg, run_dir, resume_hint).fit()

@@ -1,0 +1,26 @@
+"""Train one MLP on MNIST, or a sweep of them.
+
+    python scripts/train.py norm=custom                       # our batch norm (default), ~1 min on 2 CPU cores
+    python scripts/train.py norm=none optim.lr=0.1 train.steps=2000
+    python scripts/train.py -m norm=none,custom,native seed=0,1,2
+    python scripts/train.py experiment=smoke                  # seconds, a quick check
+    tensorboard --logdir outputs
+
+Configs: conf/ (see conf/config.yaml for every knob). Code: bnexp/cli.py -> bnexp/train.py.
+"""
+
+import hydra
+
+from bnexp import cli
+from bnexp.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg) -> float:
+    return cli.main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Config composition, types and value checks (bnexp/config.py, conf/)."""
+
+import pytest
+
+from bnexp.config import AdamConfig, Config, ConfigError, SGDConfig, flatten, to_config
+from conftest import compose_config, run_script
+
+
+@pytest.mark.parametrize("norm", ["none", "custom", "native"])
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_every_norm_and_optim_composes_and_validates(norm, optim):
+    """Each option of the norm and optim groups composes into a typed, valid Config."""
+    cfg = to_config(compose_config([f"norm={norm}", f"optim={optim}"]))
+    assert isinstance(cfg, Config)
+    assert cfg.norm.name == norm
+    assert isinstance(cfg.optim, SGDConfig if optim == "sgd" else AdamConfig)
+    assert cfg.optim.name == optim and cfg.optim.lr > 0
+
+
+def test_defaults_match_the_design():
+    """The defaults the issue and design fix: 3x100 sigmoid, batch 60, custom BN, auto device."""
+    cfg = to_config(compose_config())
+    assert cfg.model.widths == [100, 100, 100]
+    assert cfg.model.activation == "sigmoid"
+    assert cfg.train.batch_size == 60
+    assert cfg.norm.name == "custom"
+    assert cfg.device == "auto" and cfg.threads == "auto"
+    assert cfg.train.resume == "auto"
+
+
+def test_data_root_defaults_to_project_data_and_env_overrides(monkeypatch, tmp_path):
+    """data.root is <project>/data unless BNEXP_DATA is set."""
+    from bnexp.config import PROJECT_ROOT
+
+    monkeypatch.delenv("BNEXP_DATA", raising=False)
+    assert compose_config().data.root == f"{PROJECT_ROOT}/data"
+    monkeypatch.setenv("BNEXP_DATA", str(tmp_path))
+    assert compose_config().data.root == str(tmp_path)
+
+
+BAD_VALUES = [
+    ("optim.lr=-1", "optim.lr=-1.0", "finite number > 0"),
+    ("optim.lr=0", "optim.lr=0.0", "finite number > 0"),
+    ("optim.lr=inf", "optim.lr=inf", "finite number > 0"),
+    ("optim.lr=nan", "optim.lr=nan", "finite number > 0"),
+    ("optim.momentum=1.5", "optim.momentum=1.5", "[0, 1)"),
+    ("train.steps=0", "train.steps=0", ">= 1"),
+    ("train.batch_size=1", "train.batch_size=1", ">= 2"),
+    ("train.batch_size=60001", "train.batch_size=60001", "at most the training set size"),
+    ("model.widths=[]", "model.widths=[]", "non-empty"),
+    ("model.widths=[100,0]", "model.widths=[100, 0]", ">= 1"),
+    ("model.activation=gelu", "model.activation='gelu'", "sigmoid, relu, tanh"),
+    ("model.init_std=0", "model.init_std=0.0", "finite number > 0"),
+    ("data.val_size=-1", "data.val_size=-1", "[0, 60000)"),
+    ("data.val_size=60000", "data.val_size=60000", "[0, 60000)"),
+    ("train.eval_every=0", "train.eval_every=0", ">= 1"),
+    ("train.checkpoint_every=0", "train.checkpoint_every=0", ">= 1"),
+    ("train.resume=maybe", "train.resume='maybe'", "auto, never"),
+    ("device=tpu", "device='tpu'", "auto, cpu, cuda"),
+    ("threads=0", "threads='0'", "'auto' or an integer >= 1"),
+    ("norm.name=layer", "norm.name='layer'", "none, custom, native"),
+]
+
+
+@pytest.mark.parametrize("override,named,allowed", BAD_VALUES)
+def test_bad_values_are_refused_with_key_value_and_allowed(override, named, allowed):
+    """validate() names the key, the value given and what is allowed, in one line."""
+    with pytest.raises(ConfigError) as err:
+        to_config(compose_config([override]))
+    message = str(err.value)
+    assert named in message and allowed in message and "\n" not in message
+
+
+def test_batch_size_one_is_fine_without_a_norm():
+    """Only batch norm needs two samples per batch."""
+    assert to_config(compose_config(["norm=none", "train.batch_size=1"])).train.batch_size == 1
+
+
+def test_flatten_gives_dotted_scalar_keys():
+    """The flattened config (summary.json, hparams) has dotted keys and scalar values."""
+    flat = flatten(to_config(compose_config(["norm=native", "optim.lr=0.3"])))
+    assert flat["norm.name"] == "native" and flat["optim.lr"] == 0.3
+    assert flat["model.widths"] == "[100, 100, 100]"
+    assert all(isinstance(v, (str, int, float, bool)) or v is None for v in flat.values())
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["optim.lr=-1"], "optim.lr=-1.0 is not allowed: a finite number > 0"),
+    (["norm=bogus"], "Could not find 'norm/bogus'"),
+    (["seed=abc"], "seed"),
+    (["train.bogus=1"], "bogus"),
+    (["device=cuda"], "device='cuda'"),
+])
+def test_cli_refuses_bad_input_without_traceback(tmp_path, args, expected):
+    """scripts/train.py exits non-zero with a clear message and no Python traceback, writing nothing."""
+    import torch
+
+    if args == ["device=cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device=cuda is valid here")
+    run_dir = tmp_path / "run"
+    result = run_script(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoint.pt").exists()
+
+
+def test_norm_bogus_lists_the_available_options(tmp_path):
+    """Hydra's own error for an unknown group option lists none, custom, native."""
+    result = run_script("norm=bogus", cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
+    for option in ("none", "custom", "native"):
+        assert option in result.stderr
