@@ -158,9 +158,10 @@ class _EvalBatchNorm(torch.autograd.Function):
         grad_input = grad_output * scale.view(shape) if need_input else None
         grad_weight = None
         if need_weight:
-            # x_hat recomputed from the saved input: memory traded for one extra pass
-            x_hat = (input - running_mean.view(shape)).mul_(inv_std.view(shape))
-            grad_weight = (grad_output * x_hat).sum(dims)
+            # sum(dy * (x - mean)) * inv_std, in torch's order: scaling each term first
+            # (the saved input is centered again here: memory traded for a pass)
+            centered = input - running_mean.view(shape)
+            grad_weight = centered.mul_(grad_output).sum(dims).mul_(inv_std)
         grad_bias = grad_output.sum(dims) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None
 
