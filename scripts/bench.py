@@ -1,0 +1,235 @@
+"""Benchmark bnexp against torch: our batch-norm layer vs torch.nn.BatchNorm1d.
+
+    python scripts/bench.py                                  # full layer table, 2 threads
+    python scripts/bench.py --threads 1 --out outputs/bench.json
+    python scripts/bench.py --no-compile                     # skip the torch.compile rows (minutes)
+    python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
+
+Each section is a function `bench_<name>(args) -> list of row dicts`, registered in
+SECTIONS; main() runs the sections asked for, prints one table per section and the
+machine, and with --out writes {"machine": {...}, "<section>": [rows...]} as JSON.
+
+Timing: torch.utils.benchmark (which synchronizes CUDA), native and custom interleaved
+within every repeat so that load from other processes hits both alike; a time is the
+median over repeats, a ratio the median of the per-repeat custom/native ratios. Ratios
+< 1 mean ours is faster. On a shared machine rerun when the load average (printed) is high.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+from bnexp.layers import BatchNorm1d  # noqa: E402
+
+LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)
+QUICK_SHAPES = [(8, 4), (32, 16)]
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_us(fn, threads: int, min_run_time: float) -> float:
+    """Median time of one fn() call in microseconds."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def compare(native, custom, args) -> dict:
+    """Interleaved timings of two callables: medians and the median paired ratio."""
+    native(), custom()  # warm-up: first-call allocations and lazy initialization
+    pairs = []
+    for _ in range(args.repeats):
+        pairs.append((time_us(native, args.threads, args.min_time), time_us(custom, args.threads, args.min_time)))
+    return {
+        "native_us": statistics.median(a for a, _ in pairs),
+        "custom_us": statistics.median(b for _, b in pairs),
+        "ratio": statistics.median(b / a for a, b in pairs),
+    }
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while fn() runs."""
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(sizes)
+
+
+# ----------------------------------------------------------------------------- layer section
+
+
+def train_step(layer, x, upstream):
+    """One training-mode forward + backward; grads returned, not accumulated into .grad."""
+    def step():
+        output = layer(x)
+        return torch.autograd.grad(output, [x, layer.weight, layer.bias], upstream)
+    return step
+
+
+def eval_step(layer, x):
+    """One evaluation-mode forward, as inference runs it (no autograd graph)."""
+    def step():
+        with torch.no_grad():
+            return layer(x)
+    return step
+
+
+def layer_row(shape, device, args) -> dict:
+    """Train fwd+bwd, eval fwd, compile and saved-bytes numbers for one input shape."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 50 + 10).to(device).requires_grad_()
+    upstream = torch.randn(shape, generator=gen).to(device)
+    native = torch.nn.BatchNorm1d(shape[1], device=device)
+    custom = BatchNorm1d(shape[1], device=device)
+    row = {"device": device, "shape": list(shape)}
+    train = compare(train_step(native, x, upstream), train_step(custom, x, upstream), args)
+    row.update({f"train_{k}": v for k, v in train.items()})
+    native.eval(), custom.eval()
+    evaluation = compare(eval_step(native, x), eval_step(custom, x), args)
+    row.update({f"eval_{k}": v for k, v in evaluation.items()})
+    native.train(), custom.train()
+    row["saved_bytes_native"] = saved_bytes(lambda: native(x))
+    row["saved_bytes_custom"] = saved_bytes(lambda: custom(x))
+    if args.compile:
+        row.update(compile_numbers(native, x, upstream, args))
+    return row
+
+
+def compile_numbers(native, x, upstream, args) -> dict:
+    """BatchNorm1d(compile=True) against native, compile warm-up excluded.
+
+    Dynamo is reset first so that every shape gets its own static-shape kernels, as a
+    training run with a fixed batch size would.
+    """
+    torch._dynamo.reset()
+    compiled = BatchNorm1d(x.shape[1], device=x.device, compile=True)
+    step = train_step(compiled, x, upstream)
+    for _ in range(3):  # compile forward and backward, then settle
+        step()
+    timed = compare(train_step(native, x, upstream), step, args)
+    return {"compile_train_us": timed["custom_us"], "compile_ratio": timed["ratio"]}
+
+
+def bench_layer(args) -> list[dict]:
+    """The layer section: one row per (device, shape)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    shapes = QUICK_SHAPES if args.quick else LAYER_SHAPES
+    return [layer_row(shape, device, args) for device in devices for shape in shapes]
+
+
+LAYER_COLUMNS = [
+    ("device", "device", "{}"),
+    ("shape", "shape", "{}"),
+    ("train_native_us", "train native us", "{:.1f}"),
+    ("train_custom_us", "train custom us", "{:.1f}"),
+    ("train_ratio", "train ratio", "{:.2f}"),
+    ("eval_native_us", "eval native us", "{:.1f}"),
+    ("eval_custom_us", "eval custom us", "{:.1f}"),
+    ("eval_ratio", "eval ratio", "{:.2f}"),
+    ("compile_train_us", "compiled train us", "{:.1f}"),
+    ("compile_ratio", "compiled ratio", "{:.2f}"),
+    ("saved_bytes_native", "saved B native", "{}"),
+    ("saved_bytes_custom", "saved B custom", "{}"),
+]
+
+SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS)}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(rows: list[dict], columns) -> str:
+    """A plain-text table: one line per row, only the columns some row has."""
+    columns = [c for c in columns if any(c[0] in row for row in rows)]
+    cells = [[title for _, title, _ in columns]]
+    for row in rows:
+        cells.append([fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7; quick 2)")
+    parser.add_argument("--min-time", type=float, default=None, help="seconds per timing (default 0.2; quick 0.01)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                        help="skip the torch.compile rows (they compile for minutes)")
+    parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 7
+    if args.min_time is None:
+        args.min_time = 0.01 if args.quick else 0.2
+    if args.compile is None:
+        args.compile = not args.quick
+    if args.threads < 1 or args.repeats < 1 or args.min_time <= 0:
+        parser.error(f"--threads and --repeats must be >= 1 and --min-time > 0 "
+                     f"(got {args.threads}, {args.repeats}, {args.min_time})")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {"machine": machine_info(args.threads)}
+    for name in args.sections:
+        bench, columns = SECTIONS[name]
+        results[name] = bench(args)
+        print(f"\n## {name}\n\n{format_table(results[name], columns)}")
+    results["machine"]["load_average_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print("\nmachine: " + ", ".join(f"{k}={v}" for k, v in results["machine"].items()))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
