@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from bnexp.checkpoint import CheckpointError
 from bnexp.config import ConfigError, to_config
 from bnexp.data import DataError
-from bnexp.runtime import resolve_threads, set_threads
+from bnexp.runtime import available_cores, resolve_threads, set_threads
 from bnexp.train import RunInterrupted, train
 
 log = logging.getLogger("bnexp")
@@ -43,7 +44,12 @@ def resume_command(run_dir: Path) -> str:
 def parallel_jobs() -> int:
     """How many jobs of this sweep share the machine (the joblib launcher's n_jobs; else 1)."""
     n = HydraConfig.get().launcher.get("n_jobs", 1) or 1
-    return os.cpu_count() or 1 if n < 0 else n
+    return available_cores() if n < 0 else n
+
+
+def in_multirun() -> bool:
+    """True inside a -m sweep: jobs then print one line when done instead of progress lines."""
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main(hydra_cfg: DictConfig) -> float:
@@ -52,7 +58,7 @@ def main(hydra_cfg: DictConfig) -> float:
     try:
         cfg = to_config(hydra_cfg)
         set_threads(resolve_threads(cfg.threads, parallel_jobs()))
-        summary = train(cfg, run_dir)
+        summary = train(cfg, run_dir, progress="quiet" if in_multirun() else "auto")
     except USER_ERRORS as exc:
         fail(str(exc))
     except RunInterrupted as stop:

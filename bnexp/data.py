@@ -312,13 +312,20 @@ def ensure_mnist(root: str | Path, verify: bool = True,
 
     Sources are tried in order (see the module docstring) and each attempt is logged.
     verify=True demands the canonical md5 of every file; verify=False only checks that each
-    is a well-formed IDX file (small user- or test-made data). A bad file found in raw/ is
-    reported and fetched again from the next source. Raises DataError listing every source
+    is a well-formed IDX file (small user- or test-made data), and files already in raw/ are
+    then the user's: a bad one is an error naming it, never silently replaced. With verify=True
+    a bad file found in raw/ is reported and fetched again from the next source. Raises DataError listing every source
     and why it failed, and where to put the files by hand.
     """
     root = Path(root)
     raw = root / "MNIST" / "raw"
     _make_dir(raw, root)
+    if not verify and any((raw / name).exists() for name in MD5):
+        # The user's own files (verify=False): never replaced by the canonical MNIST behind
+        # their back; a missing, truncated or malformed one is an error that names it.
+        check_files(raw, verify=False)
+        log.info("MNIST: using %s (not md5-verified: data.verify=false)", raw)
+        return raw
     if FILES_IN_RAW in sources and _good_already(raw, verify):
         return raw
     with _exclusive_lock(raw.parent / ".lock", root):

@@ -169,8 +169,8 @@ def boundaries(cfg: Config):
 class Run:
     """One training run in one run dir: builds everything, then trains segment by segment."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resume_hint: str | None = None):
-        self.cfg, self.run_dir, self.resume_hint = cfg, Path(run_dir), resume_hint
+    def __init__(self, cfg: Config, run_dir: Path, progress: str = "auto"):
+        self.cfg, self.run_dir, self.progress_mode = cfg, Path(run_dir), progress
         self.flat = flatten(cfg)
         self.device = pick_device(cfg.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -308,7 +308,7 @@ class Run:
             self.monitor.close()
             return self.summary()
         wall_start = time.perf_counter() - p.wall_s
-        bar = ProgressBar(cfg.train.steps, p.step)
+        bar = ProgressBar(cfg.train.steps, p.step, self.progress_mode)
         self.model.train()
         with StopFlag() as stop:
             if p.step == 0 and not p.evals:
@@ -380,10 +380,10 @@ def summary_metrics(record: dict) -> dict[str, float]:
 class ProgressBar:
     """A tqdm bar on a terminal; one plain log line per evaluation otherwise (sweeps, CI, files)."""
 
-    def __init__(self, total: int, initial: int):
-        self.total = total
+    def __init__(self, total: int, initial: int, mode: str = "auto"):
+        self.total, self.quiet = total, mode == "quiet"
         self.bar = None
-        if sys.stderr.isatty():
+        if mode == "auto" and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
@@ -392,7 +392,7 @@ class ProgressBar:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{test_acc:.4f}",
                                  steps_s=f"{steps_per_s:.0f}")
-        else:
+        elif not self.quiet:
             log.info("step %d/%d  train_loss %.4f  test_acc %.4f  %.0f steps/s",
                      step, self.total, train_loss, test_acc, steps_per_s)
 
@@ -401,6 +401,9 @@ class ProgressBar:
             self.bar.close()
 
 
-def train(cfg: Config, run_dir: Path, resume_hint: str | None = None) -> dict:
-    """Train one run of `cfg` in run_dir (resuming from its checkpoint if any); return the summary."""
-    return Run(cfg, run_dir, resume_hint).fit()
+def train(cfg: Config, run_dir: Path, progress: str = "auto") -> dict:
+    """Train one run of `cfg` in run_dir (resuming from its checkpoint if any); return the summary.
+
+    progress: auto (a tqdm bar on a terminal, else a log line per evaluation) | quiet (neither).
+    """
+    return Run(cfg, run_dir, progress).fit()

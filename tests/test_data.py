@@ -131,16 +131,32 @@ def test_verify_rejects_non_canonical_files_naming_them(tiny_mnist):
         ensure_mnist(tiny_mnist, verify=True, sources=[FILES_IN_RAW])
 
 
-def test_bad_file_in_raw_is_fetched_again_from_the_next_source(tiny_mnist, tmp_path, caplog):
-    """A truncated file found in raw/ is reported by name and replaced from the next source."""
+def test_bad_user_file_is_named_and_never_replaced(tiny_mnist, tmp_path):
+    """verify=False: files in raw/ are the user's own; a truncated one is an error naming it,
+    and nothing is fetched over it (the canonical MNIST would silently mix with their data)."""
     good = write_tiny_mnist(tmp_path / "good", seed=1)
     raw = tiny_mnist / "MNIST" / "raw"
     labels = raw / "train-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-5])
+    before = _raw_bytes(raw)
+    with pytest.raises(DataError, match=rf"{labels}: truncated IDX file"):
+        ensure_mnist(tiny_mnist, verify=False, sources=[FILES_IN_RAW, copy_from(good)])
+    assert _raw_bytes(raw) == before
+
+
+@pytest.mark.slow
+def test_bad_canonical_file_is_fetched_again_from_the_next_source(tmp_path, caplog):
+    """verify=True: a truncated file found in raw/ is reported by name and replaced from the
+    next source, which must itself pass the md5 check."""
+    real = ensure_mnist(REAL_ROOT)
+    root = tmp_path / "data"
+    shutil.copytree(real, root / "MNIST" / "raw")
+    labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-5])
     with caplog.at_level(logging.INFO, logger="bnexp.data"):
-        assert ensure_mnist(tiny_mnist, verify=False, sources=[FILES_IN_RAW, copy_from(good)]) == raw
+        raw = ensure_mnist(root, verify=True, sources=[FILES_IN_RAW, copy_from(real)])
     assert f"{labels}: truncated IDX file" in caplog.text
-    assert _raw_bytes(raw) == _raw_bytes(good)
+    assert all(file_md5(raw / name) == md5 for name, md5 in MD5.items())
 
 
 def test_leftovers_of_a_killed_fetch_are_not_trusted(tiny_mnist, tmp_path):
