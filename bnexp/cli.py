@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -41,10 +42,22 @@ def resume_command(run_dir: Path) -> str:
     return shlex.join([sys.executable, sys.argv[0], *overrides, f"hydra.run.dir={run_dir}"])
 
 
-def parallel_jobs() -> int:
-    """How many jobs of this sweep share the machine (the joblib launcher's n_jobs; else 1)."""
-    n = HydraConfig.get().launcher.get("n_jobs", 1) or 1
-    return available_cores() if n < 0 else n
+def threads_per_job() -> int | None:
+    """torch threads that `threads=auto` means under this job's launcher (None: all cores).
+
+    joblib runs n_jobs jobs at once on this machine: cores / n_jobs each. submitit gives a job
+    cpus_per_task cores, and its local launcher starts every job at once, so without
+    cpus_per_task a job takes 1 thread. The basic launcher runs jobs one after another.
+    """
+    launcher = HydraConfig.get().launcher
+    target = str(launcher.get("_target_", ""))
+    if "submitit" in target:
+        return launcher.get("cpus_per_task") or 1
+    if "joblib" in target:
+        n = launcher.get("n_jobs", 1) or 1
+        jobs = available_cores() if n < 0 else n
+        return max(1, available_cores() // jobs)
+    return None
 
 
 def in_multirun() -> bool:
@@ -57,7 +70,8 @@ def main(hydra_cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = to_config(hydra_cfg)
-        set_threads(resolve_threads(cfg.threads, parallel_jobs()))
+        set_threads(resolve_threads(cfg.threads, threads_per_job()))
+        log.info("torch threads: %d", torch.get_num_threads())
         summary = train(cfg, run_dir, progress="quiet" if in_multirun() else "auto")
     except USER_ERRORS as exc:
         fail(str(exc))

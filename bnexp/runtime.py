@@ -27,11 +27,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_threads(threads: str, parallel_jobs: int = 1) -> int:
-    """torch threads for this job: an explicit integer, or `auto` = cores / jobs sharing the machine."""
+def resolve_threads(threads: str, auto: int | None = None) -> int:
+    """torch threads for this job: an explicit integer, else `auto` (what the launcher allows;
+    None = every core this process may use)."""
     if threads != "auto":
         return int(threads)
-    return max(1, available_cores() // max(1, parallel_jobs))
+    return auto if auto is not None else available_cores()
 
 
 def set_threads(n: int) -> None:
