@@ -49,13 +49,17 @@ def batch_norm(
     running statistics, which must then be given.
     """
     _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
+    """``batch_norm`` after its argument checks (the module checks its own input)."""
     if training:
         return _TrainingBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
     if _needs_grad(input, weight, bias):
         return _EvalBatchNorm.apply(input, weight, bias, running_mean, running_var, eps)
     scale, shift = _eval_scale_shift(weight, bias, running_mean, running_var, eps)
-    shape = _channel_shape(input)
-    return torch.addcmul(shift.view(shape), input, scale.view(shape))
+    return torch.addcmul(_per_channel(shift, input), input, _per_channel(scale, input))
 
 
 def batch_norm_reference(
@@ -75,67 +79,102 @@ def batch_norm_reference(
     centered = input - mean.view(shape)
     var_sum = (centered * centered).sum(dims)
     x_hat = centered * torch.rsqrt(var_sum / n + eps).view(shape)
-    output = _affine(x_hat, weight, bias, shape)
+    output = _affine(x_hat, weight, bias, input)
     return output, mean.detach(), (var_sum / (n - 1)).detach()
 
 
 class _TrainingBatchNorm(torch.autograd.Function):
-    """Training mode: batch statistics, in-place running update, analytic backward."""
+    """Training mode: batch statistics, in-place running update, analytic backward.
+
+    Saved for backward: x_hat (N*C) and scale = weight / sqrt(var + eps) (C), no more
+    than torch saves (input, mean, 1/std, weight and the running buffers). Scalars are
+    Python floats: an int would be wrapped as a long tensor and cast on every call.
+    """
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps):
-        dims, shape, n = _reduce_dims(input), _channel_shape(input), _values_per_channel(input)
+        dims, n = _reduce_dims(input), float(_values_per_channel(input))
         mean = input.sum(dims).div_(n)
-        x_hat = input - mean.view(shape)  # centered for now; normalized in place below
-        squares = x_hat * x_hat  # note: an N*C temporary; reused as the output buffer
-        var_sum = squares.sum(dims)
-        inv_std = torch.rsqrt(var_sum / n + eps)
-        x_hat.mul_(inv_std.view(shape))
-        output = _affine(x_hat, weight, bias, shape, out=squares)
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, var_sum.div_(n - 1), momentum)
+        x_hat = input - _per_channel(mean, input)  # centered for now; scaled in place below
+        var_sum = _column_dots(x_hat, x_hat)
+        inv_std = torch.rsqrt(var_sum.div(n).add_(eps))
+        x_hat.mul_(_per_channel(inv_std, input))
+        output = _affine(x_hat, weight, bias, input)
+        _update_running(running_mean, running_var, mean, var_sum.div_(n - 1.0), momentum)
         if weight is None:
             # x_hat is the output: saving the input instead keeps a later in-place op on
             # the output from corrupting the backward pass (torch saves the input too)
             ctx.save_for_backward(input, mean, inv_std)
         else:
-            ctx.save_for_backward(x_hat, inv_std, weight)
-        ctx.has_weight = weight is not None
+            ctx.save_for_backward(x_hat, inv_std.mul_(weight))
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.has_weight:
-            x_hat, inv_std, weight = ctx.saved_tensors
-            scale = inv_std * weight
+        if len(ctx.saved_tensors) == 3:  # no weight: x_hat is recomputed, one extra pass
+            input, mean, scale = ctx.saved_tensors
+            x_hat = (input - _per_channel(mean, input)).mul_(_per_channel(scale, input))
         else:
-            input, mean, inv_std = ctx.saved_tensors
-            shape = _channel_shape(input)
-            x_hat = (input - mean.view(shape)).mul_(inv_std.view(shape))  # one extra pass
-            scale, weight = inv_std, None
-        dims, shape, n = _reduce_dims(x_hat), _channel_shape(x_hat), _values_per_channel(x_hat)
+            x_hat, scale = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_bias = grad_output.sum(dims)
-        product = grad_output * x_hat  # note: an N*C temporary; reused for grad_input
-        grad_weight = product.sum(dims)
+        grad_bias = grad_output.sum(_reduce_dims(x_hat))
+        grad_weight = _column_dots(grad_output, x_hat)
         grad_input = None
         if need_input:
             # dx = scale * dy - scale/n * (sum(dy) + x_hat * sum(dy * x_hat))
-            minus_scale_n = scale / -n
-            grad_input = torch.addcmul(
-                (minus_scale_n * grad_bias).view(shape),
-                x_hat,
-                (minus_scale_n * grad_weight).view(shape),
-                out=product,
+            minus_scale_n = scale / -float(_values_per_channel(x_hat))
+            grad_input = _scaled_sum(
+                grad_output, scale, x_hat, minus_scale_n * grad_weight, minus_scale_n * grad_bias
             )
-            grad_input.addcmul_(grad_output, scale.view(shape))
         return (
             grad_input,
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
             None, None, None, None,
         )
+
+
+# Row blocks of about 512 KB of float32: an elementwise result that is reduced or updated
+# right away stays in the CPU cache instead of making a round trip through memory.
+_BLOCK_ELEMENTS = 1 << 17
+
+
+def _row_blocks(input: Tensor) -> list[slice] | None:
+    """Slices of rows for cache blocking, or None where one whole-tensor op is better.
+
+    Only for large 2-D inputs on the CPU: elsewhere the per-op overhead of a Python loop
+    costs more than the memory traffic it saves.
+    """
+    if input.dim() != 2 or input.numel() < 4 * _BLOCK_ELEMENTS or input.device.type != "cpu":
+        return None
+    rows = max(1, _BLOCK_ELEMENTS // input.shape[1])
+    return [slice(start, start + rows) for start in range(0, input.shape[0], rows)]
+
+
+def _column_dots(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel sum of a * b over every dim but 1, without an N*C temporary."""
+    blocks = _row_blocks(a)
+    if blocks is None:
+        return (a * b).sum(_reduce_dims(a))
+    partial = a.new_empty(len(blocks), a.shape[1])
+    product = a.new_empty(blocks[0].stop - blocks[0].start, a.shape[1])
+    for i, rows in enumerate(blocks):
+        block = torch.mul(a[rows], b[rows], out=product[: a[rows].shape[0]])
+        torch.sum(block, 0, out=partial[i])
+    return partial.sum(0)
+
+
+def _scaled_sum(t: Tensor, t_scale: Tensor, u: Tensor, u_scale: Tensor, shift: Tensor) -> Tensor:
+    """t * t_scale + u * u_scale + shift with per-channel scales, in one pass per row block."""
+    t_scale, u_scale, shift = (_per_channel(v, t) for v in (t_scale, u_scale, shift))
+    blocks = _row_blocks(t)
+    if blocks is None:
+        return torch.addcmul(shift, u, u_scale).addcmul_(t, t_scale)
+    out = torch.empty_like(u)
+    for rows in blocks:
+        torch.addcmul(shift, u[rows], u_scale, out=out[rows]).addcmul_(t[rows], t_scale)
+    return out
 
 
 class _EvalBatchNorm(torch.autograd.Function):
@@ -307,7 +346,10 @@ class BatchNorm1d(nn.Module):
                 input, running_mean, running_var, self.weight, self.bias,
                 use_batch_stats, factor, self.eps,
             )
-        return batch_norm(
+        # parameters and buffers have num_features elements by construction: only the
+        # mode-dependent checks remain (they cost microseconds per call at small batches)
+        _check_mode(input, running_mean, running_var, use_batch_stats, factor, self.eps)
+        return _batch_norm(
             input, running_mean, running_var, self.weight, self.bias,
             use_batch_stats, factor, self.eps,
         )
@@ -342,8 +384,7 @@ def _compiled_batch_norm(input, running_mean, running_var, weight, bias, trainin
         return _compiled("eval")(input, running_mean, running_var, weight, bias, eps)
     output, mean, unbiased_var = _compiled("train")(input, weight, bias, eps)
     with torch.no_grad():
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, unbiased_var, momentum)
+        _update_running(running_mean, running_var, mean, unbiased_var, momentum)
     return output
 
 
@@ -362,16 +403,16 @@ def _eval_reference(input, running_mean, running_var, weight, bias, eps):
     """Evaluation-mode formulas in plain tensor ops (for torch.compile)."""
     shape = _channel_shape(input)
     x_hat = (input - running_mean.view(shape)) * torch.rsqrt(running_var + eps).view(shape)
-    return _affine(x_hat, weight, bias, shape)
+    return _affine(x_hat, weight, bias, input)
 
 
-def _affine(x_hat: Tensor, weight, bias, shape, out: Tensor | None = None) -> Tensor:
+def _affine(x_hat: Tensor, weight, bias, like: Tensor, out: Tensor | None = None) -> Tensor:
     """weight * x_hat + bias, either of them optional; writes into ``out`` when given."""
     if weight is None:
-        return x_hat if bias is None else torch.add(x_hat, bias.view(shape), out=out)
+        return x_hat if bias is None else torch.add(x_hat, _per_channel(bias, like), out=out)
     if bias is None:
-        return torch.mul(x_hat, weight.view(shape), out=out)
-    return torch.addcmul(bias.view(shape), x_hat, weight.view(shape), out=out)
+        return torch.mul(x_hat, _per_channel(weight, like), out=out)
+    return torch.addcmul(_per_channel(bias, like), x_hat, _per_channel(weight, like), out=out)
 
 
 def _eval_scale_shift(weight, bias, running_mean, running_var, eps):
@@ -388,10 +429,17 @@ def _eval_scale_shift(weight, bias, running_mean, running_var, eps):
     return scale, shift
 
 
-def _update_running(running: Tensor | None, batch_stat: Tensor, momentum: float) -> None:
-    """running = (1 - momentum) * running + momentum * batch_stat, in place."""
-    if running is not None:
-        running.mul_(1.0 - momentum).add_(batch_stat, alpha=momentum)
+def _update_running(running_mean, running_var, mean, unbiased_var, momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch_stat, in place, for each given.
+
+    One fused lerp for both buffers (the per-call overhead of small ops is what costs at
+    small batches). lerp computes it as running + m * (stat - running), or for m >= 0.5
+    as stat - (1 - m) * (stat - running): exact at m = 1, where the cumulative average's
+    first batch replaces the initial values.
+    """
+    pairs = [(r, s) for r, s in ((running_mean, mean), (running_var, unbiased_var)) if r is not None]
+    if pairs:
+        torch._foreach_lerp_([r for r, _ in pairs], [s for _, s in pairs], momentum)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -406,6 +454,11 @@ def _reduce_dims(input: Tensor) -> tuple[int, ...]:
 def _channel_shape(input: Tensor) -> tuple[int, ...]:
     """Shape that broadcasts a per-channel vector against the input: (C,) or (C, 1)."""
     return (input.shape[1],) + (1,) * (input.dim() - 2)
+
+
+def _per_channel(vector: Tensor, like: Tensor) -> Tensor:
+    """A (C,) vector shaped to broadcast against ``like``: as is for (N, C), (C, 1) for (N, C, L)."""
+    return vector if like.dim() == 2 else vector.view(_channel_shape(like))
 
 
 def _values_per_channel(input: Tensor) -> int:
@@ -428,6 +481,11 @@ def _check_args(input, running_mean, running_var, weight, bias, training, moment
                 f"expected {name} with {channels} elements, one per channel of the input "
                 f"(got {vector.numel()}; input size {tuple(input.shape)})"
             )
+    _check_mode(input, running_mean, running_var, training, momentum, eps)
+
+
+def _check_mode(input, running_mean, running_var, training, momentum, eps) -> None:
+    """The checks that depend on the mode: batch size and eps, running stats in eval."""
     if training:
         if _values_per_channel(input) == 1:
             raise ValueError(
