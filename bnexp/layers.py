@@ -86,46 +86,41 @@ def batch_norm_reference(
 class _TrainingBatchNorm(torch.autograd.Function):
     """Training mode: batch statistics, in-place running update, analytic backward.
 
-    Saved for backward: x_hat (N*C) and scale = weight / sqrt(var + eps) (C), no more
-    than torch saves (input, mean, 1/std, weight and the running buffers). Scalars are
-    Python floats: an int would be wrapped as a long tensor and cast on every call.
+    x_hat = centered * inv_std is never stored: the output is centered * scale + bias with
+    scale = weight * inv_std (one pass), and backward works from the centered input.
+    Saved for backward: centered (N*C), inv_std and scale (C each), no more than torch
+    saves (input, mean, 1/std, weight and both running buffers). Scalars are Python
+    floats: an int would be wrapped as a long tensor and cast on every call.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps):
-        dims, n = _reduce_dims(input), float(_values_per_channel(input))
-        mean = input.sum(dims).div_(n)
-        x_hat = input - _per_channel(mean, input)  # centered for now; scaled in place below
-        var_sum = _column_dots(x_hat, x_hat)
+        n = float(_values_per_channel(input))
+        mean = input.sum(_reduce_dims(input)).div_(n)
+        centered, var_sum = _center(input, mean)  # x - mean and sum((x - mean)^2)
         inv_std = torch.rsqrt(var_sum.div(n).add_(eps))
-        x_hat.mul_(_per_channel(inv_std, input))
-        output = _affine(x_hat, weight, bias, input)
+        scale = inv_std if weight is None else inv_std * weight
+        output = _scale_shift(centered, scale, bias)
         _update_running(running_mean, running_var, mean, var_sum.div_(n - 1.0), momentum)
-        if weight is None:
-            # x_hat is the output: saving the input instead keeps a later in-place op on
-            # the output from corrupting the backward pass (torch saves the input too)
-            ctx.save_for_backward(input, mean, inv_std)
-        else:
-            ctx.save_for_backward(x_hat, inv_std.mul_(weight))
+        ctx.save_for_backward(centered, inv_std, scale)
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if len(ctx.saved_tensors) == 3:  # no weight: x_hat is recomputed, one extra pass
-            input, mean, scale = ctx.saved_tensors
-            x_hat = (input - _per_channel(mean, input)).mul_(_per_channel(scale, input))
-        else:
-            x_hat, scale = ctx.saved_tensors
+        centered, inv_std, scale = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_bias = grad_output.sum(_reduce_dims(x_hat))
-        grad_weight = _column_dots(grad_output, x_hat)
+        # sum(dy) and sum(dy * (x - mean)); dweight = sum(dy * x_hat) = inv_std * the latter
+        grad_bias, grad_centered = _sum_and_dot(grad_output, centered)
+        grad_weight = grad_centered.mul_(inv_std)
         grad_input = None
         if need_input:
             # dx = scale * dy - scale/n * (sum(dy) + x_hat * sum(dy * x_hat))
-            minus_scale_n = scale / -float(_values_per_channel(x_hat))
+            minus_scale_n = scale / -float(_values_per_channel(centered))
             grad_input = _scaled_sum(
-                grad_output, scale, x_hat, minus_scale_n * grad_weight, minus_scale_n * grad_bias
+                grad_output, scale,
+                centered, minus_scale_n * inv_std * grad_weight,
+                minus_scale_n.mul_(grad_bias),
             )
         return (
             grad_input,
@@ -152,17 +147,35 @@ def _row_blocks(input: Tensor) -> list[slice] | None:
     return [slice(start, start + rows) for start in range(0, input.shape[0], rows)]
 
 
-def _column_dots(a: Tensor, b: Tensor) -> Tensor:
-    """Per-channel sum of a * b over every dim but 1, without an N*C temporary."""
+def _center(input: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """(input - mean, per-channel sum of its squares); the squares never reach memory."""
+    blocks = _row_blocks(input)
+    if blocks is None:
+        centered = input - _per_channel(mean, input)
+        return centered, (centered * centered).sum(_reduce_dims(input))
+    centered = torch.empty_like(input)
+    partial = input.new_empty(len(blocks), input.shape[1])
+    square = input.new_empty(blocks[0].stop, input.shape[1])
+    for i, rows in enumerate(blocks):
+        block = torch.sub(input[rows], mean, out=centered[rows])
+        torch.sum(torch.mul(block, block, out=square[: block.shape[0]]), 0, out=partial[i])
+    return centered, partial.sum(0)
+
+
+def _sum_and_dot(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel sum(a) and sum(a * b): a is read from memory once, a * b never stored."""
     blocks = _row_blocks(a)
     if blocks is None:
-        return (a * b).sum(_reduce_dims(a))
-    partial = a.new_empty(len(blocks), a.shape[1])
-    product = a.new_empty(blocks[0].stop - blocks[0].start, a.shape[1])
+        dims = _reduce_dims(a)
+        return a.sum(dims), (a * b).sum(dims)
+    partial = a.new_empty(2, len(blocks), a.shape[1])
+    product = a.new_empty(blocks[0].stop, a.shape[1])
     for i, rows in enumerate(blocks):
-        block = torch.mul(a[rows], b[rows], out=product[: a[rows].shape[0]])
-        torch.sum(block, 0, out=partial[i])
-    return partial.sum(0)
+        block = a[rows]
+        torch.sum(block, 0, out=partial[0, i])
+        torch.sum(torch.mul(block, b[rows], out=product[: block.shape[0]]), 0, out=partial[1, i])
+    sums = partial.sum(1)
+    return sums[0], sums[1]
 
 
 def _scaled_sum(t: Tensor, t_scale: Tensor, u: Tensor, u_scale: Tensor, shift: Tensor) -> Tensor:
@@ -413,6 +426,13 @@ def _affine(x_hat: Tensor, weight, bias, like: Tensor, out: Tensor | None = None
     if bias is None:
         return torch.mul(x_hat, _per_channel(weight, like), out=out)
     return torch.addcmul(_per_channel(bias, like), x_hat, _per_channel(weight, like), out=out)
+
+
+def _scale_shift(input: Tensor, scale: Tensor, shift: Tensor | None) -> Tensor:
+    """input * scale + shift with per-channel scale and optional shift, one pass."""
+    if shift is None:
+        return input * _per_channel(scale, input)
+    return torch.addcmul(_per_channel(shift, input), input, _per_channel(scale, input))
 
 
 def _eval_scale_shift(weight, bias, running_mean, running_var, eps):
