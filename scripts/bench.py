@@ -117,6 +117,7 @@ def eval_step(layer, x):
 
 def layer_row(shape, device, args) -> dict:
     """Train fwd+bwd, eval fwd, compile and saved-bytes numbers for one input shape."""
+    print(f"layer {device} {tuple(shape)} ...", file=sys.stderr, flush=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 50 + 10).to(device).requires_grad_()
     upstream = torch.randn(shape, generator=gen).to(device)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bnexp import layers
 from bnexp.layers import BatchNorm1d, batch_norm
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "bnexp"
@@ -146,17 +147,28 @@ def test_in_place_op_on_output_does_not_break_backward():
     assert_close(grads[0], grads[1])
 
 
-def test_more_accurate_than_native_at_large_batch():
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch thread: large 2-D inputs then take the row-block path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("features", [64, 600])  # 1024 x 600 takes the row-block path
+def test_more_accurate_than_native_at_large_batch(features, one_thread):
     """At n = 1024 float32 both drift from the float64 truth; ours drifts no more than torch.
 
     This is why the parity tests keep batches small: at large n torch's own float32
     reductions miss the float64 values by more than the default tolerance.
     """
     torch.manual_seed(0)
-    x = torch.randn(1024, 64) * 50 + 10
-    upstream = torch.randn(1024, 64)
-    native, custom = make_pair(64)
-    truth, _ = make_pair(64, dtype=torch.float64)
+    x = torch.randn(1024, features) * 50 + 10
+    upstream = torch.randn(1024, features)
+    assert (layers._row_blocks(x) is not None) == (features == 600)
+    native, custom = make_pair(features)
+    truth, _ = make_pair(features, dtype=torch.float64)
     truth.load_state_dict(native.state_dict())
     out_t, grads_t = forward_and_grads(truth, x.double(), upstream.double())
     for layer in (custom, native):
@@ -165,6 +177,21 @@ def test_more_accurate_than_native_at_large_batch():
         layer.errors.append((layer.running_var.double() - truth.running_var).abs().max().item())
     for ours, theirs in zip(custom.errors, native.errors):
         assert ours <= theirs
+
+
+def test_row_block_path_equals_whole_tensor_path(one_thread, monkeypatch):
+    """Cache blocking changes only the summation order: float64 results agree."""
+    gen = torch.Generator().manual_seed(0)
+    x = batch((1000, 600), gen, torch.float64, scale=50.0, shift=10.0)  # ragged last block
+    upstream = batch((1000, 600), gen, torch.float64)
+    results = []
+    for block_elements in (layers._BLOCK_ELEMENTS, 1 << 40):
+        monkeypatch.setattr(layers, "_BLOCK_ELEMENTS", block_elements)
+        assert (layers._row_blocks(x) is None) == (block_elements == 1 << 40)
+        _, custom = make_pair(600, dtype=torch.float64)
+        results.append([*forward_and_grads(custom, x, upstream)[1], custom(x), custom.running_var])
+    for got, want in zip(*results, strict=True):
+        assert_close(got, want)
 
 
 # ----------------------------------------------------------------------------- gradients
