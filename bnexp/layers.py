@@ -460,13 +460,12 @@ def _eval_scale_shift(weight, bias, running_mean, running_var, eps):
 
     One fused pass over the input, as torch's CPU kernel does it.
     """
-    scale = torch.rsqrt(running_var + eps)
+    scale = torch.add(running_var, eps).rsqrt_()
     if weight is not None:
-        scale = scale * weight
-    shift = running_mean * -scale
-    if bias is not None:
-        shift = shift + bias
-    return scale, shift
+        scale.mul_(weight)
+    if bias is None:
+        return scale, running_mean * -scale
+    return scale, torch.addcmul(bias, running_mean, scale, value=-1.0)  # bias - mean * scale
 
 
 def _update_running(running_mean, running_var, mean, unbiased_var, momentum: float) -> None:
