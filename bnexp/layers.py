@@ -133,11 +133,9 @@ def _training_backward(ctx, grad_output):
     if need_input:
         # dx = scale * dy - scale/n * (sum(dy) + x_hat * sum(dy * x_hat))
         minus_scale_n = scale / -float(_values_per_channel(centered))
-        grad_input = _scaled_sum(
-            grad_output, scale,
-            centered, minus_scale_n * inv_std * grad_weight,
-            minus_scale_n.mul_(grad_bias),
-        )
+        centered_scale = minus_scale_n * inv_std * grad_weight  # x_hat = centered * inv_std
+        shift = minus_scale_n.mul_(grad_bias)  # in place: last use of minus_scale_n
+        grad_input = _scaled_sum(grad_output, scale, centered, centered_scale, shift)
     return (
         grad_input,
         grad_weight if need_weight else None,
@@ -236,8 +234,9 @@ class _EvalBatchNorm(torch.autograd.Function):
         grad_input = grad_output * scale.view(shape) if need_input else None
         grad_weight = None
         if need_weight:
-            # sum(dy * (x - mean)) * inv_std, in torch's order: scaling each term first
-            # (the saved input is centered again here: memory traded for a pass)
+            # sum(dy * (x - mean)) * inv_std: summing first, scaling after, as torch does
+            # (scaling every term first measured less accurate); the saved input is
+            # centered again here: memory traded for a pass
             centered = input - running_mean.view(shape)
             grad_weight = centered.mul_(grad_output).sum(dims).mul_(inv_std)
         grad_bias = grad_output.sum(dims) if need_bias else None
