@@ -339,7 +339,7 @@ class BatchNorm1d(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.compile = compile
+        self.use_compile = compile  # not self.compile: that would hide nn.Module.compile()
         like = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_features, **like)) if affine else None
         self.bias = nn.Parameter(torch.empty(num_features, **like)) if affine and bias else None
@@ -385,7 +385,7 @@ class BatchNorm1d(nn.Module):
         keep = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep else None
         running_var = self.running_var if keep else None
-        if self.compile:
+        if self.use_compile:
             return _compiled_batch_norm(
                 input, running_mean, running_var, self.weight, self.bias,
                 use_batch_stats, factor, self.eps,

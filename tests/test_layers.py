@@ -526,7 +526,8 @@ def test_no_batch_norm_kernel_runs(training):
 def test_compiled_path_matches_native():
     """BatchNorm1d(compile=True): torch.compile of the plain formulas, train then eval."""
     native, custom = make_pair(5, momentum=None)
-    custom.compile = True
+    custom.use_compile = True  # what BatchNorm1d(..., compile=True) sets
+    assert BatchNorm1d(5, compile=True).use_compile and callable(custom.compile)
     gen = torch.Generator().manual_seed(0)
     for step in range(5):
         if step == 3:
