@@ -522,6 +522,26 @@ def test_no_batch_norm_kernel_runs(training):
 # ----------------------------------------------------------------------------- compile path
 
 
+@pytest.mark.parametrize("shape", [(8, 5), (6, 5, 3)])
+def test_reference_formulas_match_native_in_eager_mode(shape):
+    """batch_norm_reference (what compile=True compiles): output, stats and grads."""
+    native, _ = make_pair(5, momentum=1.0)  # momentum 1: running stats = this batch's
+    gen = torch.Generator().manual_seed(0)
+    x = batch(shape, gen, torch.float32, scale=50.0, shift=10.0)
+    upstream = batch(shape, gen, torch.float32)
+    weight = native.weight.detach().clone().requires_grad_()
+    bias = native.bias.detach().clone().requires_grad_()
+    xg = x.clone().requires_grad_()
+    output, mean, unbiased_var = layers.batch_norm_reference(xg, weight, bias, native.eps)
+    grads = torch.autograd.grad(output, [xg, weight, bias], upstream)
+    out_n, grads_n = forward_and_grads(native, x, upstream)
+    assert_close(output, out_n)
+    assert_close(mean, native.running_mean)
+    assert_close(unbiased_var, native.running_var)
+    for got, want in zip(grads, grads_n, strict=True):
+        assert_close(got, want)
+
+
 @pytest.mark.slow
 def test_compiled_path_matches_native():
     """BatchNorm1d(compile=True): torch.compile of the plain formulas, train then eval."""
