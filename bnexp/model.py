@@ -9,14 +9,17 @@ ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def make_norm(name: str, num_features: int, compile: bool = False) -> nn.Module:
-    """The normalization after a hidden Linear: none -> Identity, custom -> ours, native -> torch's."""
+    """The normalization after a hidden Linear: none -> Identity, custom -> ours, native -> torch's.
+
+    compile=True runs our layer's formulas through torch.compile (norm.compile); the module and
+    its state_dict keys stay the same, so checkpoints interchange with the eager layer.
+    """
     if name == "none":
         return nn.Identity()
     if name == "custom":
         from bnexp import layers
 
-        norm = layers.BatchNorm1d(num_features)
-        return torch.compile(norm) if compile else norm
+        return layers.BatchNorm1d(num_features, compile=compile)
     if name == "native":
         return nn.BatchNorm1d(num_features)
     raise ValueError(f"norm={name!r} is not known: one of none, custom, native")
