@@ -1,6 +1,8 @@
-"""Benchmark bnexp against torch: our batch-norm layer vs torch.nn.BatchNorm1d.
+"""Benchmark bnexp against torch: our batch-norm layer vs torch.nn.BatchNorm1d, and the
+training loop vs a pytorch/examples-style DataLoader pipeline.
 
-    python scripts/bench.py                                  # full layer table, 2 threads
+    python scripts/bench.py                                  # layer and training tables, 2 threads
+    python scripts/bench.py --sections training              # training throughput, logging cost, peak RSS
     python scripts/bench.py --threads 1 --out outputs/bench.json
     python scripts/bench.py --no-compile                     # skip the torch.compile rows (minutes)
     python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
@@ -174,7 +176,118 @@ LAYER_COLUMNS = [
     ("saved_bytes_custom", "saved B custom", "{}"),
 ]
 
-SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS)}
+# ----------------------------------------------------------------------------- training
+
+
+def _compose(overrides: list[str]):
+    """The harness's own config, composed as scripts/train.py composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from bnexp.config import PROJECT_ROOT, register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+def harness_run(norm: str, steps: int, eval_every: int, log_every: int = 1) -> dict:
+    """One bnexp.train run with the default MLP and batch 60; its summary.json."""
+    import tempfile
+
+    from bnexp.train import train
+
+    cfg = _compose([f"norm={norm}", f"train.steps={steps}", f"train.eval_every={eval_every}",
+                    f"train.log_every={log_every}", f"train.checkpoint_every={steps}", "device=cpu"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        return train(cfg, Path(run_dir), progress="quiet")
+
+
+def dataloader_steps_per_s(steps: int) -> float:
+    """The pytorch/examples pipeline on the same model: torchvision MNIST + ToTensor + Normalize,
+    DataLoader(batch_size=60, shuffle=True), one step per batch; steps per second of training."""
+    import time
+
+    import torch.nn.functional as F
+    from torchvision import datasets, transforms
+
+    from bnexp.config import PROJECT_ROOT
+    from bnexp.data import ensure_mnist
+    from bnexp.model import MLP, init_weights
+
+    root = Path(os.environ.get("BNEXP_DATA", PROJECT_ROOT / "data"))
+    ensure_mnist(root)
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    dataset = datasets.MNIST(str(root), train=True, download=False, transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=60, shuffle=True)
+    model = MLP([100, 100, 100], "sigmoid", "native")
+    init_weights(model, 0.1, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    batches = iter(loader)
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches)
+        loss = F.cross_entropy(model(x.flatten(1)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the examples script reads the loss every log interval; we are generous: one sync
+    return steps / (time.perf_counter() - start)
+
+
+def peak_rss_mb(overrides: list[str]) -> float:
+    """Peak resident memory of one `scripts/train.py` run in a fresh process (ru_maxrss of the child)."""
+    import resource
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        script = Path(__file__).resolve().parent / "train.py"
+        subprocess.run([sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}", "device=cpu"],
+                       check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+
+
+def bench_training(args) -> list[dict]:
+    """Training steps/s, interleaved repeats, medians: the harness with each norm (evaluation
+    excluded, as summary.json counts it), a DataLoader pipeline, full logging vs logging off
+    (wall-clock, evaluation and TensorBoard included); and the peak RSS of a default run."""
+    torch.set_num_threads(args.threads)
+    steps = 200 if args.quick else 3000
+    loader_steps = 50 if args.quick else 1000
+    keys = ("custom", "native", "none", "dataloader", "logged", "unlogged")
+    runs: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(args.repeats):
+        for norm in ("custom", "native", "none"):
+            runs[norm].append(harness_run(norm, steps, eval_every=steps)["train_steps_per_s"])
+        runs["dataloader"].append(dataloader_steps_per_s(loader_steps))
+        logged = harness_run("custom", steps, eval_every=max(1, steps // 6))
+        unlogged = harness_run("custom", steps, eval_every=steps, log_every=steps)
+        runs["logged"].append(steps / logged["wall_s"])
+        runs["unlogged"].append(steps / unlogged["wall_s"])
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    names = {"custom": "harness, norm=custom", "native": "harness, norm=native", "none": "harness, norm=none",
+             "dataloader": "DataLoader pipeline, native BN",
+             "logged": f"custom, full logging (every step, {6} evals), wall", "unlogged": "custom, logging off, wall"}
+    rows = [{"what": names[k], "steps_per_s": round(med[k], 1)} for k in keys]
+    rows += [
+        {"what": "custom / native (target >= 0.9)", "ratio": round(med["custom"] / med["native"], 3)},
+        {"what": "harness native / DataLoader (target >= 5)", "ratio": round(med["native"] / med["dataloader"], 2)},
+        {"what": "full logging / logging off (cost <= 10%)", "ratio": round(med["logged"] / med["unlogged"], 3)},
+    ]
+    run = ["experiment=smoke"] if args.quick else []
+    rows.append({"what": "peak RSS of a " + ("smoke" if args.quick else "default") + " run (MiB)",
+                 "ratio": round(peak_rss_mb(run), 1)})
+    return rows
+
+
+TRAINING_COLUMNS = [
+    ("what", "what", "{}"),
+    ("steps_per_s", "steps/s", "{:.1f}"),
+    ("ratio", "ratio / value", "{}"),
+]
+
+
+SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "training": (bench_training, TRAINING_COLUMNS)}
 
 
 # ----------------------------------------------------------------------------- output
