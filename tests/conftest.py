@@ -92,3 +92,12 @@ def run_script(*args: str, cwd: Path, timeout: float = 300, env: dict | None = N
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def expected_scalar_tags(layers: int, norm: str) -> set[str]:
+    """The design's TensorBoard scalar tags for a run with `layers` hidden layers."""
+    tags = {"train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "lr"}
+    tags |= {f"act/layer{k}/p{p}" for k in range(1, layers + 1) for p in (15, 50, 85)}
+    if norm != "none":
+        tags |= {f"bn/layer{k}/{s}" for k in range(1, layers + 1) for s in ("running_mean", "running_var")}
+    return tags

@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
-from conftest import TINY_OVERRIDES, run_script
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY_OVERRIDES, expected_scalar_tags, run_script
 
 
 def test_single_run_writes_summary_events_and_model(tiny_mnist, tmp_path):
@@ -14,6 +16,9 @@ def test_single_run_writes_summary_events_and_model(tiny_mnist, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_done"] == 60
     assert list(run_dir.glob("events.out.tfevents.*"))  # in the run dir itself, not nested
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == expected_scalar_tags(2, "custom")
     assert (run_dir / "model.pt").exists() and (run_dir / ".hydra" / "config.yaml").exists()
     assert "done completed: norm=custom" in result.stderr + result.stdout
 

@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bnexp.train import BatchOrder, evaluate, steps_to_test_acc, train
-from conftest import tiny_config
+from conftest import expected_scalar_tags, tiny_config
 
 
 def read_scalars(run_dir):
@@ -39,11 +39,8 @@ def test_every_tensorboard_tag_is_written(tiny_mnist, tmp_path, norm):
     train(tiny_config(tiny_mnist, f"norm={norm}"), tmp_path)
     acc = read_scalars(tmp_path)
     scalars = set(acc.Tags()["scalars"])
-    expected = {"train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "lr"}
-    expected |= {f"act/layer{k}/p{p}" for k in (1, 2) for p in (15, 50, 85)}
-    bn = {f"bn/layer{k}/{s}" for k in (1, 2) for s in ("running_mean", "running_var")}
-    assert expected <= scalars
-    assert (bn <= scalars) == (norm != "none") and not (bn & scalars and norm == "none")
+    bn = expected_scalar_tags(2, "custom") - expected_scalar_tags(2, "none")
+    assert scalars == expected_scalar_tags(2, norm)  # BN tags exactly when there is BN
     if norm != "none":
         assert bn <= set(acc.Tags()["histograms"])
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 61))
