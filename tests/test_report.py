@@ -234,7 +234,19 @@ def test_conclusion_is_built_from_the_numbers(summary):
     assert "custom over none ranges from 2.00x at lr 1 (a large gap) to > 3.75x at lr 10" in text
     assert "custom (lr 10) 2.50x, native (lr 1) 2.00x" in text
     assert "none at lr 10: 1/2 diverged, 1/2 interrupted" in text
-    assert text.endswith("(allowed 0.001).") and "custom matches native" in text
+    assert "the first training loss by at most 0 (allowed 0.001)" in text and "custom matches native" in text
+    assert text.endswith("The first 100 losses agree within 0.000244 at lr 0.1, 1.")
+
+
+def test_agreement_per_lr_tells_drift_from_a_different_function(tmp_path):
+    """Same first loss, same final accuracy, losses drifting later: matches, and the drift is named."""
+    write_run(tmp_path, "c", "custom", 1.0, 0, (100, 200, 300), 0.98)
+    write_run(tmp_path, "n", "native", 1.0, 0, (100, 200, 300), 0.98, loss_bumps={3: 0.25})
+    summary = rep.summarize(rep.load_runs(tmp_path))
+    ag = summary["agreement"]
+    assert ag["matches"] is True and ag["max_step1_diff"] == 0.0
+    assert ag["by_lr"] == [{"lr": 1.0, "pairs": 1, "max_acc_diff": 0.0, "max_loss_diff": 0.25, "max_step1_diff": 0.0}]
+    assert "At lr 1 (up to 0.25) they drift apart within the first 100 steps" in summary["conclusion"]
 
 
 def test_target_from_curve_when_not_in_summary(sweep):
