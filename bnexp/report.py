@@ -600,25 +600,33 @@ def _pool_curves(runs: list[Run], tag: str):
     return steps, *(np.array([f(v) for v in vals]) for f in (np.mean, np.min, np.max))
 
 
+ZOOM = (0.9, 1.0)  # the lower panels: where the variants' final accuracies differ
+
+
 def plot_test_acc(runs: list[Run], path: Path) -> Path | None:
-    """Test accuracy vs step, one panel per lr, a line (mean) and min..max band per norm over seeds."""
+    """Test accuracy vs step, one column per lr, a line (mean) and min..max band per norm over
+    seeds; the top row shows 0..1, the bottom row zooms into 90..100%."""
     groups = {k: rs for k, rs in group_runs(runs).items() if any("test/acc" in r.curves for r in rs)}
     if not groups:
         return None
     lrs = sorted({lr for _, lr in groups})
-    fig = Figure(figsize=(4 * len(lrs), 3.5), layout="constrained")
-    axes = fig.subplots(1, len(lrs), squeeze=False, sharey=True)[0]
+    fig = Figure(figsize=(max(7, 4 * len(lrs)), 6.5), layout="constrained")
+    axes = fig.subplots(2, len(lrs), squeeze=False, sharey="row")
     for (norm, lr), rs in groups.items():
-        ax = axes[lrs.index(lr)]
         steps, mean, lo, hi = _pool_curves(rs, "test/acc")
         color = COLORS.get(norm)
-        ax.plot(steps, mean, STYLES.get(norm, ("-",))[0], color=color, label=f"{norm} (n={len(rs)})")
-        ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
-    for ax, lr in zip(axes, lrs):
-        ax.set(title=f"lr {fmt_lr(lr)}", xlabel="step", ylim=(0, 1))
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
+        for ax in axes[:, lrs.index(lr)]:
+            ax.plot(steps, mean, STYLES.get(norm, ("-",))[0], color=color, label=f"{norm} (n={len(rs)})")
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+    for column, lr in enumerate(lrs):
+        top, bottom = axes[:, column]
+        top.set(title=f"lr {fmt_lr(lr)}", ylim=(0, 1))
+        bottom.set(xlabel="step", ylim=ZOOM)
+        top.legend(fontsize="small")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("test accuracy")
+    axes[1, 0].set_ylabel(f"test accuracy (zoom {ZOOM[0]:g}-{ZOOM[1]:g})")
     fig.suptitle("Test accuracy per norm: line = mean, band = min..max over seeds")
     fig.savefig(path, dpi=100)
     return path
@@ -700,7 +708,8 @@ def write_figures(runs: list[Run], summary: dict, out_dir: Path) -> dict[str, st
     """Write the PNGs into out_dir; returns file name -> caption for those written."""
     out = {}
     if plot_test_acc(runs, out_dir / "test_acc.png"):
-        out["test_acc.png"] = "Test accuracy vs step per norm: line = mean, band = min..max over seeds; one panel per lr."
+        out["test_acc.png"] = ("Test accuracy vs step per norm: line = mean, band = min..max over seeds; "
+                               "one column per lr, the bottom row zoomed into 90-100%.")
     acts = plot_activations(runs, out_dir / "activations.png")
     if acts:
         out["activations.png"] = (f"15/50/85th percentiles of the input to the last hidden layer's nonlinearity "
