@@ -704,28 +704,32 @@ def plot_steps_to_target(summary: dict, path: Path) -> Path:
     return path
 
 
-def write_figures(runs: list[Run], summary: dict, out_dir: Path) -> dict[str, str]:
-    """Write the PNGs into out_dir; returns file name -> caption for those written."""
+def write_figures(runs: list[Run], summary: dict, out_dir: Path, prefix: str = "") -> dict[str, str]:
+    """Write the PNGs into out_dir (names start with prefix); returns file name -> caption."""
     out = {}
-    if plot_test_acc(runs, out_dir / "test_acc.png"):
-        out["test_acc.png"] = ("Test accuracy vs step per norm: line = mean, band = min..max over seeds; "
-                               "one column per lr, the bottom row zoomed into 90-100%.")
-    acts = plot_activations(runs, out_dir / "activations.png")
+    name = lambda stem: f"{prefix}{stem}.png"
+    if plot_test_acc(runs, out_dir / name("test_acc")):
+        out[name("test_acc")] = ("Test accuracy vs step per norm: line = mean, band = min..max over seeds; "
+                                 "one column per lr, the bottom row zoomed into 90-100%.")
+    acts = plot_activations(runs, out_dir / name("activations"))
     if acts:
-        out["activations.png"] = (f"15/50/85th percentiles of the input to the last hidden layer's nonlinearity "
-                                  f"(Ioffe & Szegedy 2015, Fig. 1b,c) at {acts[1]}.")
-    plot_steps_to_target(summary, out_dir / "steps_to_target.png")
-    out["steps_to_target.png"] = (f"Mean steps to test accuracy {summary['target']:g} vs lr per norm; "
-                                  "'x' at the top marks seeds that never reached it.")
+        out[name("activations")] = (f"15/50/85th percentiles of the input to the last hidden layer's nonlinearity "
+                                    f"(Ioffe & Szegedy 2015, Fig. 1b,c) at {acts[1]}.")
+    plot_steps_to_target(summary, out_dir / name("steps_to_target"))
+    out[name("steps_to_target")] = (f"Mean steps to test accuracy {summary['target']:g} vs lr per norm; "
+                                    "'x' at the top marks seeds that never reached it.")
     return out
 
 
-def write_report(sweep_dir, target: float = 0.95) -> tuple[Path, list[Path]]:
-    """Read the sweep, write report.md and the figures into it; returns (report.md, figure paths)."""
+def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = "") -> tuple[Path, list[Path]]:
+    """Read the sweep, write report.md and the figures (into the sweep dir unless out_dir is
+    given; file names start with prefix); returns (report path, figure paths)."""
     root = Path(sweep_dir)
     runs = load_runs(root)
     summary = summarize(runs, target, dirs_without_summary(root))
-    figures = write_figures(runs, summary, root)
-    report = root / "report.md"
+    out = Path(out_dir) if out_dir is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    figures = write_figures(runs, summary, out, prefix)
+    report = out / f"{prefix}report.md"
     report.write_text(render_markdown(summary, root, figures))
-    return report, [root / name for name in figures]
+    return report, [out / name for name in figures]

@@ -1,7 +1,8 @@
-"""Turn a sweep dir into report.md and figures (written into the sweep dir itself).
+"""Turn a sweep dir into report.md and figures (written into the sweep dir itself, or --out).
 
     python scripts/report.py outputs/multirun/convergence/<stamp>
     python scripts/report.py outputs/multirun/convergence/<stamp> --target 0.97
+    python scripts/report.py outputs/multirun/convergence/final --out docs/results --prefix convergence_t95_
 
 Tiny CPU recipe: run a smoke sweep first (see README), then point this at its sweep dir.
 """
@@ -15,9 +16,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep dir holding one run dir per (norm, lr, seed)")
     parser.add_argument("--target", type=float, default=0.95, help="test accuracy the speed-ups are measured at")
+    parser.add_argument("--out", metavar="DIR", help="write report.md and figures here instead of the sweep dir")
+    parser.add_argument("--prefix", default="", help="start every written file name with this (e.g. convergence_)")
     args = parser.parse_args(argv)
     try:
-        report, figures = write_report(args.sweep_dir, target=args.target)
+        report, figures = write_report(args.sweep_dir, target=args.target, out_dir=args.out, prefix=args.prefix)
     except ReportError as err:
         print(f"report.py: error: {err}", file=sys.stderr)
         return 2

@@ -341,3 +341,15 @@ def test_cli_writes_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"report:  {tmp_path / 'report.md'}" in proc.stdout and proc.stdout.count("figure:") == 3
     assert "| native | 1 | > 1000 (0/1) | 300 (1/1) | > 3.33x |" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_out_dir_and_prefix_keep_links_consistent(sweep, tmp_path):
+    """--out/--prefix: report.md and figures land elsewhere, and the markdown links the written names."""
+    out = tmp_path / "docs"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep), "--out", str(out), "--prefix", "conv_"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = (out / "conv_report.md").read_text()
+    for name in ("conv_test_acc.png", "conv_activations.png", "conv_steps_to_target.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in text
+    assert not (sweep / "conv_report.md").exists()
