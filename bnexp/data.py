@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from bnexp.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 # md5 of the canonical uncompressed files (yann.lecun.com; torchvision checks the same bytes)
@@ -113,22 +115,7 @@ def write_idx(path: str | Path, tensor: torch.Tensor) -> None:
     magic = LABELS_MAGIC if tensor.dim() == 1 else IMAGES_MAGIC
     header = struct.pack(f">{1 + tensor.dim()}I", magic, *tensor.shape)
     body = tensor.detach().cpu().contiguous().numpy().tobytes()
-    _write_atomic(Path(path), header + body)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via temp file + fsync + os.replace (same dir, same filesystem)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), header + body)
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bnexp import checkpoint as ckpt
+from bnexp.atomic import atomic_write, write_json
 from bnexp.config import Config, ConfigError, flatten, resolve_data_root
 from bnexp.data import MNIST, load_mnist
 from bnexp.model import MLP, init_weights
@@ -343,9 +344,9 @@ class Run:
             self.monitor.hparams(self.flat, summary_metrics(p.evals[-1]))
             buffer = io.BytesIO()
             torch.save(self.model.state_dict(), buffer)
-            ckpt.atomic_write(self.run_dir / "model.pt", buffer.getvalue())
+            atomic_write(self.run_dir / "model.pt", buffer.getvalue())
         self.monitor.close()
-        ckpt.write_json(self.run_dir / "summary.json", summary)
+        write_json(self.run_dir / "summary.json", summary)
         if p.status == "interrupted":
             raise RunInterrupted(signum, summary)
         return summary
