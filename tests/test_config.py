@@ -111,3 +111,43 @@ def test_norm_bogus_lists_the_available_options(tmp_path):
     assert result.returncode == 1
     for option in ("none", "custom", "native"):
         assert option in result.stderr
+
+
+@pytest.mark.parametrize("preset", ["smoke", "ioffe2015", "convergence"])
+def test_every_experiment_preset_composes_and_names_itself(preset):
+    cfg = to_config(compose_config([f"experiment={preset}"]))
+    assert cfg.name == preset
+
+
+def test_ioffe2015_is_the_papers_setup():
+    """§4.1: 3 x 100 sigmoid, batch 60, 50,000 steps, test accuracy every 500 steps."""
+    cfg = to_config(compose_config(["experiment=ioffe2015"]))
+    assert (cfg.model.widths, cfg.model.activation) == ([100, 100, 100], "sigmoid")
+    assert (cfg.train.batch_size, cfg.train.steps, cfg.train.eval_every) == (60, 50_000, 500)
+
+
+def test_convergence_sweeps_norms_two_decades_of_lr_and_five_seeds():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=convergence"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params.norm.split(",")) == {"none", "custom", "native"}
+    lrs = [float(v) for v in params["optim.lr"].split(",")]
+    assert max(lrs) / min(lrs) >= 100 and 10.0 in lrs  # lr 10: where no-norm fails (facts.md §4)
+    assert params.seed == "range(5)"
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_optuna_preset_searches_lr_on_a_log_scale():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hparams_search=optuna_lr", "norm=native"],
+                      return_hydra_config=True)
+    assert cfg.name == "optuna_lr_native" and cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.hydra.sweeper.params["optim.lr"].startswith("tag(log, interval(")
