@@ -107,7 +107,7 @@ class _TrainingBatchNorm(torch.autograd.Function):
         n, n_minus_1, eps_t, inv_n, minus_inv_n = _batch_constants(
             _values_per_channel(input), eps, input.dtype, input.device
         )
-        mean = input.sum(_reduce_dims(input)).div_(n)
+        mean = _channel_sum(input).div_(n)
         # x - mean, sum((x - mean)^2), and a scratch tensor (the squares) to write into
         centered, var_sum, output = _center(input, mean)
         # eps + var_sum * (1/n): one op; 1/n rounds by at most half an ulp (exact for 2^k)
@@ -170,6 +170,41 @@ def _batch_constants(n: int, eps: float, dtype: torch.dtype, device: torch.devic
         return tuple(torch.tensor(v, dtype=dtype, device=device) for v in values)
 
 
+# BLAS sums: at least this many elements, in blocks of this many rows (see _channel_sum)
+_BLAS_SUM_MIN_ELEMENTS = 1 << 16
+_BLAS_SUM_ROWS = 128
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sum over every dim but 1 (the channel dim).
+
+    Large contiguous 2-D inputs are summed as a batched matrix-vector product with a vector
+    of ones over blocks of 128 rows, then the block sums are added: one multi-threaded BLAS
+    read, measured 1.2-1.4x faster than torch.sum over dim 0 here (2 threads). One gemv over
+    all rows is faster still, but it accumulates row after row: at 4096 rows its error was
+    10x torch.sum's (and above torch's batch norm); 128-row blocks keep it at torch.sum's.
+    """
+    rows = t.shape[0]
+    if (
+        t.dim() != 2
+        or t.numel() < _BLAS_SUM_MIN_ELEMENTS
+        or rows < 2 * _BLAS_SUM_ROWS
+        or not t.is_contiguous()
+    ):
+        return t.sum(_reduce_dims(t))
+    blocks, rest = divmod(rows, _BLAS_SUM_ROWS)
+    body = t[: rows - rest].view(blocks, _BLAS_SUM_ROWS, t.shape[1])
+    total = torch.matmul(_ones(_BLAS_SUM_ROWS, t.dtype, t.device), body).sum(0)
+    return total if rest == 0 else total.add_(t[rows - rest :].sum(0))
+
+
+@functools.lru_cache(maxsize=8)
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A read-only vector of n ones (the BLAS sums' right-hand side), made once."""
+    with torch.inference_mode(False):
+        return torch.ones(n, dtype=dtype, device=device)
+
+
 # Row blocks of about 512 KB of float32: an elementwise result that is reduced or updated
 # right away stays in the CPU cache instead of making a round trip through memory.
 _BLOCK_ELEMENTS = 1 << 17
@@ -204,7 +239,7 @@ def _center(input: Tensor, mean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if blocks is None:
         centered = input - _per_channel(mean, input)
         squares = torch.mul(centered, centered)
-        return centered, squares.sum(_reduce_dims(input)), squares
+        return centered, _channel_sum(squares), squares
     centered = torch.empty_like(input)
     partial = input.new_empty(len(blocks), input.shape[1])
     square = input.new_empty(blocks[0].stop, input.shape[1])
@@ -220,7 +255,7 @@ def _sum_and_dot(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if blocks is None:
         dims = _reduce_dims(a)
         product = torch.mul(a, b)
-        return a.sum(dims), product.sum(dims), product
+        return _channel_sum(a), _channel_sum(product), product
     partial = a.new_empty(2, len(blocks), a.shape[1])
     product = a.new_empty(blocks[0].stop, a.shape[1])
     for i, rows in enumerate(blocks):
