@@ -193,6 +193,17 @@ def test_row_block_path_equals_whole_tensor_path(one_thread, monkeypatch):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("rows", [100, 256, 1000])  # under 2 blocks; whole 128-row blocks; a ragged rest
+def test_blas_channel_sum_equals_torch_sum(rows):
+    """The blocked ones @ t sums (large 2-D inputs) change only the summation order."""
+    x = batch((rows, 700), torch.Generator().manual_seed(rows), torch.float64, scale=50.0, shift=10.0)
+    assert x.numel() >= layers._BLAS_SUM_MIN_ELEMENTS
+    assert_close(layers._channel_sum(x), x.sum(0))
+    errors = [(total.double() - x.sum(0)).abs().max() for total in (layers._channel_sum(x.float()), x.float().sum(0))]
+    assert errors[0] <= 2 * errors[1]  # float32: about as accurate as torch.sum
+    assert_close(layers._channel_sum(x[:, :5]), x[:, :5].sum(0))  # small or strided: torch.sum
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
