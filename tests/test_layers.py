@@ -238,6 +238,26 @@ def test_double_backward_raises_a_clear_error(training):
         grad_x.sum().backward()
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_weight_is_read_through_its_property():
+    """The module reads weight from nn.Module's table, or the ordinary way when it is not there."""
+    native, custom = make_pair(4)
+    x, upstream = torch.randn(6, 4) * 3 + 1, torch.randn(6, 4)
+    results = []
+    for layer in (custom, native):
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Doubled())
+        xg = x.clone().requires_grad_()
+        output = layer(xg)
+        original = layer.parametrizations.weight.original
+        results.append([output, *torch.autograd.grad(output, [xg, original, layer.bias], upstream)])
+    for got, want in zip(*results, strict=True):
+        assert_close(got, want)
+
+
 def test_only_requested_gradients_are_computed():
     """A frozen weight gets no gradient; input and bias gradients still match torch."""
     native, custom = make_pair(4)
