@@ -23,10 +23,14 @@ Backward with g = dy * weight (Ioffe & Szegedy 2015, Sec. 3):
 
 Speed (scripts/bench.py has the numbers): on the CPU each tensor op is one pass over
 memory, so the code counts passes. The output is written in one pass as
-(x - mean) * (weight * inv_std) + bias, x_hat is never stored, and for large 2-D inputs
-the products that are only summed are formed row block by row block so that they stay
-in cache. torch's own kernel fuses all of this in C++, so eager code stays slower at
-large sizes; ``BatchNorm1d(compile=True)`` is the alternative (see its docstring).
+(x - mean) * (weight * inv_std) + bias, x_hat is never stored, the buffers of the squares
+and of dy * (x - mean) become the output and grad_input, large 2-D sums are BLAS
+products, and on one thread the products that are only summed are formed row block by
+row block so that they stay in cache. At small batches (the harness's 60 x 100) the cost
+is per call, ~1-2 us an op: Python floats are never passed to tensor ops (each would be
+wrapped and cast), the module reads its parameters without nn.Module.__getattr__, and
+small inputs skip the helper functions. torch's own kernel fuses all of this in C++, so
+eager code stays slower at large sizes; ``BatchNorm1d(compile=True)`` is the alternative.
 """
 
 from __future__ import annotations
@@ -98,8 +102,8 @@ class _TrainingBatchNorm(torch.autograd.Function):
     x_hat = centered * inv_std is never stored: the output is centered * scale + bias with
     scale = weight * inv_std (one pass), and backward works from the centered input.
     Saved for backward: centered (N*C), inv_std and scale (C each), no more than torch
-    saves (input, mean, 1/std, weight and both running buffers). Scalars are Python
-    floats: an int would be wrapped as a long tensor and cast on every call.
+    saves (input, mean, 1/std, weight and both running buffers). Constants such as n and
+    eps are cached 0-dim tensors (_batch_constants): 11 ops forward, 10 backward.
     """
 
     @staticmethod
