@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 1000
     resume: str = "auto"
+    tensorboard: bool = True
 
 
 @dataclass

@@ -58,8 +58,14 @@ class Monitor:
                 self._histogram(f"bn/{name}/{stat}", values, step)
                 self.writer.add_scalar(f"bn/{name}/{stat}", values.mean().item(), step)
 
-    def activations(self, step: int, preacts: list[torch.Tensor]) -> None:
-        """15/50/85th percentiles of each hidden layer's nonlinearity input, pooled over units and samples."""
+    @torch.no_grad()
+    def activations(self, step: int, model: torch.nn.Module, probe: torch.Tensor) -> None:
+        """15/50/85th percentiles of each hidden layer's nonlinearity input on the probe batch,
+        pooled over units and samples, and their histograms (model in eval mode, as evaluated)."""
+        was_training = model.training
+        model.eval()
+        preacts = model.preactivations(probe)
+        model.train(was_training)
         q = torch.tensor([p / 100 for p in PERCENTILES])
         for k, z in enumerate(preacts, start=1):
             z = z.detach().float().flatten().cpu()
@@ -70,11 +76,13 @@ class Monitor:
 
     def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         """A histogram of the finite values (TensorBoard rejects NaN/inf); none if nothing is finite."""
-        finite = values[torch.isfinite(values)].double()
+        finite = values[torch.isfinite(values)]
         if finite.numel():
-            # TensorBoard's default buckets end at +-1e20; a diverging net goes past that
-            bins = "tensorflow" if finite.abs().max() < 1e20 else 64
-            self.writer.add_histogram(tag, finite, step, bins=bins)
+            # TensorBoard's default buckets end at +-1e20; a diverging net goes past that,
+            # and float32 bin arithmetic overflows near 1e38: float64 with 64 plain bins then
+            huge = finite.abs().max() >= 1e20
+            self.writer.add_histogram(tag, finite.double() if huge else finite, step,
+                                      bins=64 if huge else "tensorflow")
 
     def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
         """The flattened config as hparams of this run (not a nested run, as add_hparams would make).
@@ -92,3 +100,18 @@ class Monitor:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class NoMonitor:
+    """train.tensorboard=false: the same calls, nothing written (summary.json and checkpoints only).
+
+    Also what scripts/bench.py compares against to measure what logging costs.
+    """
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def make_monitor(run_dir: Path, purge_step: int | None, enabled: bool) -> Monitor | NoMonitor:
+    """A Monitor writing into run_dir, or a NoMonitor when TensorBoard output is off."""
+    return Monitor(run_dir, purge_step) if enabled else NoMonitor()

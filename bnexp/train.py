@@ -28,7 +28,7 @@ from bnexp.atomic import atomic_write, write_json
 from bnexp.config import Config, ConfigError, flatten, resolve_data_root
 from bnexp.data import MNIST, load_mnist
 from bnexp.model import MLP, init_weights
-from bnexp.monitor import Monitor
+from bnexp.monitor import make_monitor
 from bnexp.runtime import pick_device
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class Run:
         if saved is not None:
             self._restore(saved)
         purge = self.progress.step + 1 if saved is not None else 0
-        self.monitor = Monitor(self.run_dir, purge_step=purge)
+        self.monitor = make_monitor(self.run_dir, purge, cfg.train.tensorboard)
         self.probe = self.data.test_x[:PROBE_SIZE]
 
     def _saved_checkpoint(self) -> dict | None:
@@ -289,10 +289,7 @@ class Run:
         self.monitor.evaluation(step, {k: v for k, v in record.items() if k != "step"},
                                 self.optimizer.param_groups[0]["lr"])
         self.monitor.running_stats(step, self.model.norm_layers())
-        self.model.eval()
-        with torch.no_grad():
-            self.monitor.activations(step, self.model.preactivations(self.probe))
-        self.model.train()
+        self.monitor.activations(step, self.model, self.probe)
         p = self.progress
         if p.loss_count:
             p.last_train_loss = p.loss_sum / p.loss_count
@@ -368,7 +365,7 @@ class Run:
             "config": self.flat,
         }
 
-    def _log_eval(self, record: dict, bar: "ProgressBar") -> None:
+    def _log_eval(self, record: dict, bar: ProgressBar) -> None:
         p = self.progress
         rate = p.step / p.train_s if p.train_s > 0 else float("nan")
         bar.update(p.step, p.last_train_loss, record["test/acc"], rate)

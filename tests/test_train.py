@@ -106,3 +106,12 @@ def test_evaluate_counts_loss_and_accuracy_over_the_whole_split():
     assert math.isclose(loss, torch.nn.functional.cross_entropy(logits, y).item(), rel_tol=1e-6)
     assert acc == (logits.argmax(1) == y).sum().item() / 25
     assert all(math.isnan(v) for v in evaluate(model, x[:0], y[:0]))
+
+
+def test_tensorboard_off_writes_no_events_and_the_same_results(tiny_mnist, tmp_path):
+    """train.tensorboard=false: no event file; summary numbers identical to a logged run."""
+    on = train(tiny_config(tiny_mnist), tmp_path / "on")
+    off = train(tiny_config(tiny_mnist, "train.tensorboard=false"), tmp_path / "off")
+    assert list((tmp_path / "on").glob("events.out.tfevents.*"))
+    assert not list((tmp_path / "off").glob("events.out.tfevents.*"))
+    assert on["final"] == off["final"] and on["steps_to_test_acc"] == off["steps_to_test_acc"]
