@@ -41,6 +41,15 @@ def wait_for_checkpoint(run_dir, proc, timeout=120):
         time.sleep(0.02)
 
 
+def kill_after_first_checkpoint(run_dir, data_root, delay=0.0):
+    """Start a run, let it write its first checkpoint (and run `delay` s more), then kill -9 it."""
+    proc = start(run_dir, data_root)
+    wait_for_checkpoint(run_dir, proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def outcome(run_dir):
     """What must match bitwise: final params, summary metrics, per-eval accuracies, the loss curve."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -77,11 +86,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bitwise_identical(reference, 
     """Property: kill -9 anywhere after the first checkpoint, resume, get the uninterrupted result."""
     delay = random.Random(trial).uniform(0.0, 1.5)
     run_dir = tmp_path / "run"
-    proc = start(run_dir, reference / "data")
-    wait_for_checkpoint(run_dir, proc)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(run_dir, reference / "data", delay)
     assert not (run_dir / "summary.json").exists(), "the run finished before the kill: make it longer"
     finish(run_dir, reference / "data")
     assert_same_outcome(reference / "run", run_dir)
@@ -109,10 +114,7 @@ def test_sigint_and_sigterm_checkpoint_and_print_the_resume_command(reference, t
 def test_resume_with_another_config_is_refused_and_overwrites_nothing(reference, tmp_path):
     """A checkpoint made with other values: exit non-zero, list the differing keys, touch nothing."""
     run_dir = tmp_path / "run"
-    proc = start(run_dir, reference / "data")
-    wait_for_checkpoint(run_dir, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(run_dir, reference / "data")
     before = (run_dir / "checkpoint.pt").read_bytes()
     result = run_script(*RESUMABLE, f"data.root={reference / 'data'}", f"hydra.run.dir={run_dir}",
                         "optim.lr=0.07", "seed=5", cwd=tmp_path)
@@ -138,10 +140,7 @@ def test_corrupt_checkpoint_is_named_and_not_silently_replaced(reference, tmp_pa
 def test_resume_never_starts_over(reference, tmp_path):
     """train.resume=never ignores the checkpoint and reproduces the run from step 0."""
     run_dir = tmp_path / "run"
-    proc = start(run_dir, reference / "data")
-    wait_for_checkpoint(run_dir, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(run_dir, reference / "data")
     finish(run_dir, reference / "data", "train.resume=never")
     assert_same_outcome(reference / "run", run_dir)
 
