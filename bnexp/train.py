@@ -321,9 +321,10 @@ class Run:
                 if is_checkpoint(p.step) and p.step < cfg.train.steps:  # the last one is _finish's
                     p.wall_s = time.perf_counter() - wall_start
                     self._checkpoint()
-                # Drain the event writer's thread before training resumes: left running, it
-                # competes with torch's threads for the cores (measured: logging then cost 23%
-                # of steps/s at 2 threads on 2 cores instead of ~9%).
+                # Let the event writer's thread finish this boundary's events here rather than
+                # during the next segment, where it would compete with torch's threads for the
+                # cores (a guard: alone it measured within noise; the activation histograms
+                # it was tried with were the real 23% -> ~6% logging cost, see monitor.py).
                 self.monitor.flush()
             bar.close()
             return self._finish(stop.signum, wall_start)
