@@ -353,3 +353,16 @@ def test_cli_out_dir_and_prefix_keep_links_consistent(sweep, tmp_path):
     for name in ("conv_test_acc.png", "conv_activations.png", "conv_steps_to_target.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in text
     assert not (sweep / "conv_report.md").exists()
+
+
+def test_report_of_runs_without_event_files(tiny_mnist, tmp_path):
+    """train.tensorboard=false runs: the tables come from summary.json; no curves, no curve figures."""
+    from bnexp.train import train
+    from conftest import tiny_config
+
+    for norm in ("none", "custom"):
+        train(tiny_config(tiny_mnist, f"norm={norm}", "train.tensorboard=false"), tmp_path / "sweep" / norm,
+              progress="quiet")
+    report, figures = rep.write_report(tmp_path / "sweep")
+    assert [f.name for f in figures] == ["steps_to_target.png"]
+    assert "| custom |" in report.read_text() and "| none |" in report.read_text()
