@@ -283,7 +283,6 @@ def _sum_and_dot(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel sum(a) and sum(a * b), and a free tensor shaped like b (see _center)."""
     blocks = _row_blocks(a)
     if blocks is None:
-        dims = _reduce_dims(a)
         product = torch.mul(a, b)
         return _channel_sum(a), _channel_sum(product), product
     partial = a.new_empty(2, len(blocks), a.shape[1])

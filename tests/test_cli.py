@@ -1,7 +1,6 @@
 """scripts/train.py end to end, as a subprocess, on tiny IDX data through the real loader."""
 
 import json
-from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
