@@ -103,6 +103,17 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("bnexp.root", lambda: str(PROJECT_ROOT))
 
 
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """conf/config.yaml with overrides, composed as scripts/train.py composes it but without a
+    run dir: for tests, benchmarks and notebooks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Turn Hydra's composed DictConfig into a validated, plain `Config` object."""
     obj = OmegaConf.to_object(cfg)

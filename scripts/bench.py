@@ -180,14 +180,10 @@ LAYER_COLUMNS = [
 
 
 def _compose(overrides: list[str]):
-    """The harness's own config, composed as scripts/train.py composes it."""
-    from hydra import compose, initialize_config_dir
+    """The harness's own validated config, composed as scripts/train.py composes it."""
+    from bnexp.config import compose, to_config
 
-    from bnexp.config import PROJECT_ROOT, register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
+    return to_config(compose(overrides))
 
 
 def harness_run(norm: str, steps: int, eval_every: int, tensorboard: bool = True) -> dict:

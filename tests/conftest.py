@@ -58,9 +58,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from bnexp.config import PROJECT_ROOT, register_configs, to_config  # noqa: E402
+from bnexp.config import PROJECT_ROOT, compose, to_config  # noqa: E402
 
 CONF_DIR = PROJECT_ROOT / "conf"
 TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
@@ -73,11 +71,7 @@ TINY_OVERRIDES = [
 ]
 
 
-def compose_config(overrides: list[str] = ()):
-    """Compose conf/config.yaml with overrides exactly as scripts/train.py does (no run dir)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+compose_config = compose  # conf/config.yaml + overrides, as scripts/train.py composes it
 
 
 def tiny_config(data_root: Path, *overrides: str):
