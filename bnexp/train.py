@@ -269,7 +269,7 @@ class Run:
         """Log a segment's losses, update the running mean, and detect divergence."""
         p = self.progress
         first = p.step - len(values) + 1
-        self.monitor.train_losses(first, torch.tensor(values), self.cfg.train.log_every)
+        self.monitor.train_losses(first, values, self.cfg.train.log_every)
         for i, value in enumerate(values):
             if not math.isfinite(value):
                 p.status, p.diverged_at_step = "diverged", first + i
