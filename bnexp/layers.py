@@ -30,7 +30,8 @@ row block so that they stay in cache. At small batches (the harness's 60 x 100) 
 is per call, ~1-2 us an op: Python floats are never passed to tensor ops (each would be
 wrapped and cast), the module reads its parameters without nn.Module.__getattr__, and
 small inputs skip the helper functions. torch's own kernel fuses all of this in C++, so
-eager code stays slower at large sizes; ``BatchNorm1d(compile=True)`` is the alternative.
+eager code stays ~1.6x slower at large sizes; ``BatchNorm1d(compile=True)`` fuses the same
+formulas into torch's pass count and is as fast as torch's kernel there (bnexp/compiled.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["batch_norm", "BatchNorm1d", "batch_norm_reference"]
+__all__ = ["batch_norm", "BatchNorm1d"]
 
 
 def batch_norm(
@@ -73,27 +74,6 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return _EvalBatchNorm.apply(input, weight, bias, running_mean, running_var, eps)
     scale, shift = _eval_scale_shift(weight, bias, running_mean, running_var, eps)
     return torch.addcmul(_per_channel(shift, input), input, _per_channel(scale, input))
-
-
-def batch_norm_reference(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The training-mode formulas in plain tensor ops, differentiated by autograd.
-
-    Returns (output, batch mean, unbiased batch variance). Slow in eager mode (autograd
-    records every step, and var_mean is slow on some CPU builds); it is the function that
-    ``BatchNorm1d(compile=True)`` hands to ``torch.compile``, which fuses it into a few
-    loops forward and backward. var_mean (one Welford loop once compiled) measured about
-    1.7x faster here under inductor than the two-pass sum form of the eager path.
-    """
-    dims, shape, n = _reduce_dims(input), _channel_shape(input), _values_per_channel(input)
-    var, mean = torch.var_mean(input, dims, correction=0)  # biased: divides by n
-    x_hat = (input - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
-    output = _affine(x_hat, weight, bias, input)
-    return output, mean.detach(), (var * (n / (n - 1))).detach()
 
 
 class _TrainingBatchNorm(torch.autograd.Function):
@@ -390,11 +370,12 @@ class BatchNorm1d(nn.Module):
         device, dtype: where and in which precision parameters and buffers are made
         bias: with ``affine``, also learn the shift (keyword only, as in torch).
             Default: ``True``
-        compile: run the plain-tensor formulas (:func:`batch_norm_reference`) through
-            ``torch.compile`` instead of the hand-written backward (keyword only; not part
-            of torch's signature; the harness's ``norm.compile``). The compiled function
-            is shared by every layer in the process; each new input shape compiles once
-            (seconds to a minute on a CPU). Checks and the running update stay eager.
+        compile: in training mode, run the formulas as two loops forward and two backward
+            that ``torch.compile`` fuses (:mod:`bnexp.compiled`; keyword only, not part of
+            torch's signature; the harness's ``norm.compile``). Inputs of fewer than
+            65,536 values (``_MIN_COMPILED_ELEMENTS``) keep the eager path, which is
+            faster there. Each new input shape compiles once (seconds on a CPU; needs a C++
+            compiler, as torch.compile does). Evaluation mode is one fused op either way.
             Default: ``False``
 
     Shape:
@@ -480,17 +461,14 @@ class BatchNorm1d(nn.Module):
         use_batch_stats = self.training or running_mean is None
         if self.training and not self.track_running_stats:
             running_mean = running_var = None  # passed only where used or updated
-        if self.use_compile:
-            return _compiled_batch_norm(
-                input, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps
-            )
         # parameters and buffers have num_features elements by construction: only the
         # mode-dependent checks remain (they cost microseconds per call at small batches)
         _check_mode(input, running_mean, running_var, use_batch_stats, factor, self.eps)
         if use_batch_stats:
-            return _TrainingBatchNorm.apply(
-                input, weight, bias, running_mean, running_var, factor, self.eps
-            )
+            function = _TrainingBatchNorm
+            if self.use_compile and input.numel() >= _MIN_COMPILED_ELEMENTS:
+                from bnexp.compiled import CompiledTrainingBatchNorm as function
+            return function.apply(input, weight, bias, running_mean, running_var, factor, self.eps)
         return _batch_norm(input, running_mean, running_var, weight, bias, False, factor, self.eps)
 
     def _check_input(self, input: Tensor) -> None:
@@ -514,6 +492,10 @@ class BatchNorm1d(nn.Module):
         return 0.0 if self.momentum is None else self.momentum
 
 
+# compile=True: inputs with fewer values run eagerly. A compiled call pays tens of microseconds
+# of guards and wrappers, more than the whole eager layer at small sizes (scripts/bench.py).
+_MIN_COMPILED_ELEMENTS = 1 << 16
+
 _ABSENT = object()
 
 
@@ -533,48 +515,6 @@ def _one(device: torch.device) -> Tensor:
     """A read-only 0-dim long 1 for counting batches, made once per device."""
     with torch.inference_mode(False):
         return torch.tensor(1, device=device)
-
-
-def _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """``batch_norm`` with the training formulas compiled by ``torch.compile``.
-
-    The running update and the error checks stay outside the compiled function, so a
-    changing momentum (``momentum=None``) does not recompile it.
-    """
-    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not training:
-        return _compiled("eval")(input, running_mean, running_var, weight, bias, eps)
-    output, mean, unbiased_var = _compiled("train")(input, weight, bias, eps)
-    with torch.no_grad():
-        _update_running(running_mean, running_var, mean, unbiased_var, momentum)
-    return output
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def _compiled(mode: str):
-    """The torch.compile'd reference function for 'train' or 'eval', made once."""
-    if mode not in _COMPILED:
-        fn = batch_norm_reference if mode == "train" else _eval_reference
-        _COMPILED[mode] = torch.compile(fn, dynamic=None)
-    return _COMPILED[mode]
-
-
-def _eval_reference(input, running_mean, running_var, weight, bias, eps):
-    """Evaluation-mode formulas in plain tensor ops (for torch.compile)."""
-    shape = _channel_shape(input)
-    x_hat = (input - running_mean.view(shape)) * torch.rsqrt(running_var + eps).view(shape)
-    return _affine(x_hat, weight, bias, input)
-
-
-def _affine(x_hat: Tensor, weight, bias, like: Tensor, out: Tensor | None = None) -> Tensor:
-    """weight * x_hat + bias, either of them optional; writes into ``out`` when given."""
-    if weight is None:
-        return x_hat if bias is None else torch.add(x_hat, _per_channel(bias, like), out=out)
-    if bias is None:
-        return torch.mul(x_hat, _per_channel(weight, like), out=out)
-    return torch.addcmul(_per_channel(bias, like), x_hat, _per_channel(weight, like), out=out)
 
 
 def _scale_shift(input: Tensor, scale: Tensor, shift: Tensor | None, out: Tensor) -> Tensor:

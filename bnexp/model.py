@@ -11,7 +11,8 @@ ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 def make_norm(name: str, num_features: int, compile: bool = False) -> nn.Module:
     """The normalization after a hidden Linear: none -> Identity, custom -> ours, native -> torch's.
 
-    compile=True runs our layer's formulas through torch.compile (norm.compile); the module and
+    compile=True fuses our layer's training formulas with torch.compile at large inputs
+    (norm.compile, bnexp/compiled.py); the module and
     its state_dict keys stay the same, so checkpoints interchange with the eager layer.
     """
     if name == "none":
