@@ -6,6 +6,7 @@ training loop vs a pytorch/examples-style DataLoader pipeline.
     python scripts/bench.py --threads 1 --out outputs/bench.json
     python scripts/bench.py --no-compile                     # skip the torch.compile rows (minutes)
     python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
+    python scripts/bench.py --sections layer --steady-malloc # freed memory stays mapped: no page faults
 
 Each section is a function `bench_<name>(args) -> list of row dicts`, registered in
 SECTIONS; main() runs the sections asked for, prints one table per section and the
@@ -15,6 +16,12 @@ Timing: torch.utils.benchmark (which synchronizes CUDA), native and custom inter
 within every repeat so that load from other processes hits both alike; a time is the
 median over repeats, a ratio the median of the per-repeat custom/native ratios. Ratios
 < 1 mean ours is faster. On a shared machine rerun when the load average (printed) is high.
+
+Page faults: glibc's malloc hands large blocks (MBs) back to the kernel when they are freed
+and the next allocation of that size touches fresh pages, ~1 us per 4 KB page: up to half of a
+large-shape step, native's as much as ours, and it varies with the order of earlier
+allocations (hence runs that differ by 2x). The layer rows count minor faults per call;
+--steady-malloc sets mallopt so freed memory stays mapped, which leaves only the compute.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +38,7 @@ import torch
 from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+from bnexp import compiled  # noqa: E402
 from bnexp.layers import BatchNorm1d  # noqa: E402
 
 LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)
@@ -66,10 +75,14 @@ def machine_info(threads: int) -> dict:
 # ----------------------------------------------------------------------------- timing
 
 
-def time_us(fn, threads: int, min_run_time: float) -> float:
-    """Median time of one fn() call in microseconds."""
+def time_us(fn, threads: int, min_run_time: float) -> tuple[float, float]:
+    """Median time of one fn() call in microseconds, and the minor page faults per call."""
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    calls = measurement.number_per_run * len(measurement.raw_times)  # ignores the calibration calls
+    return measurement.median * 1e6, faults / calls
 
 
 def compare(native, custom, args) -> dict:
@@ -79,10 +92,29 @@ def compare(native, custom, args) -> dict:
     for _ in range(args.repeats):
         pairs.append((time_us(native, args.threads, args.min_time), time_us(custom, args.threads, args.min_time)))
     return {
-        "native_us": statistics.median(a for a, _ in pairs),
-        "custom_us": statistics.median(b for _, b in pairs),
-        "ratio": statistics.median(b / a for a, b in pairs),
+        "native_us": statistics.median(a for (a, _), _ in pairs),
+        "custom_us": statistics.median(b for _, (b, _) in pairs),
+        "ratio": statistics.median(b / a for (a, _), (b, _) in pairs),
+        "native_faults": statistics.median(f for (_, f), _ in pairs),
+        "custom_faults": statistics.median(f for _, (_, f) in pairs),
     }
+
+
+def steady_malloc() -> str:
+    """Keep freed memory mapped (glibc): no page faults from re-allocating large blocks.
+
+    M_MMAP_THRESHOLD at its 32 MB maximum serves blocks up to that size from the heap, and
+    a huge M_TRIM_THRESHOLD never returns the heap's top to the kernel. Process-wide and for
+    good: call it before anything is timed.
+    """
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("error: --steady-malloc needs glibc's mallopt, which refused the settings")
+    return "steady (mallopt: mmap threshold 32 MB, no trimming)"
 
 
 def saved_bytes(fn) -> int:
@@ -143,15 +175,19 @@ def compile_numbers(native, x, upstream, args) -> dict:
     """BatchNorm1d(compile=True) against native, compile warm-up excluded.
 
     Dynamo is reset first so that every shape gets its own static-shape kernels, as a
-    training run with a fixed batch size would.
+    training run with a fixed batch size would. Shapes under 65,536 values run the eager
+    layer here too (that is what compile=True does with them).
     """
     torch._dynamo.reset()
-    compiled = BatchNorm1d(x.shape[1], device=x.device, compile=True)
-    step = train_step(compiled, x, upstream)
+    compiled._compiled.cache_clear()
+    layer = BatchNorm1d(x.shape[1], device=x.device, compile=True)
+    step = train_step(layer, x, upstream)
     for _ in range(3):  # compile forward and backward, then settle
         step()
     timed = compare(train_step(native, x, upstream), step, args)
-    return {"compile_train_us": timed["custom_us"], "compile_ratio": timed["ratio"]}
+    return {"compile_train_us": timed["custom_us"], "compile_ratio": timed["ratio"],
+            "compile_native_us": timed["native_us"], "compile_native_faults": timed["native_faults"],
+            "compile_faults": timed["custom_faults"], "saved_bytes_compiled": saved_bytes(lambda: layer(x))}
 
 
 def bench_layer(args) -> list[dict]:
@@ -167,13 +203,17 @@ LAYER_COLUMNS = [
     ("train_native_us", "train native us", "{:.1f}"),
     ("train_custom_us", "train custom us", "{:.1f}"),
     ("train_ratio", "train ratio", "{:.2f}"),
+    ("train_native_faults", "faults/call native", "{:.0f}"),
+    ("train_custom_faults", "faults/call custom", "{:.0f}"),
     ("eval_native_us", "eval native us", "{:.1f}"),
     ("eval_custom_us", "eval custom us", "{:.1f}"),
     ("eval_ratio", "eval ratio", "{:.2f}"),
     ("compile_train_us", "compiled train us", "{:.1f}"),
     ("compile_ratio", "compiled ratio", "{:.2f}"),
+    ("compile_faults", "faults/call compiled", "{:.0f}"),
     ("saved_bytes_native", "saved B native", "{}"),
     ("saved_bytes_custom", "saved B custom", "{}"),
+    ("saved_bytes_compiled", "saved B compiled", "{}"),
 ]
 
 # ----------------------------------------------------------------------------- training
@@ -312,8 +352,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=None, help="seconds per timing (default 0.2; quick 0.01)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                        help="skip the torch.compile rows (they compile for minutes)")
+                        help="skip the torch.compile rows (each large shape compiles for seconds)")
     parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="keep freed memory mapped (glibc mallopt): times without page faults")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.repeats is None:
@@ -331,7 +373,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {"machine": machine_info(args.threads)}
+    malloc = steady_malloc() if args.steady_malloc else "glibc default"
+    results = {"machine": {**machine_info(args.threads), "malloc": malloc}}
     for name in args.sections:
         bench, columns = SECTIONS[name]
         results[name] = bench(args)
