@@ -611,6 +611,21 @@ def test_compiled_layer_matches_native(shape, fresh_compile_cache):
         grad.sum().backward()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [
+    dict(affine=False), dict(bias=False), dict(track_running_stats=False), dict(dtype=torch.float64),
+])
+def test_compiled_layer_options_match_native(kwargs):
+    """The compiled path without weight, without bias, without running stats, in float64."""
+    native, custom = make_pair(1100, **kwargs)
+    custom.use_compile = True
+    gen = torch.Generator().manual_seed(0)
+    dtype = kwargs.get("dtype", torch.float32)
+    for _ in range(2):
+        x = batch((60, 1100), gen, dtype, scale=5.0, shift=2.0)
+        assert_step_agrees(custom, native, x, batch((60, 1100), gen, dtype))
+
+
 def test_compile_leaves_small_inputs_to_the_eager_path(fresh_compile_cache):
     """Under 65,536 values a compiled call costs more than the eager layer: nothing compiles."""
     native, custom = make_pair(100)
