@@ -22,6 +22,7 @@ statistics are updated eagerly, so a changing momentum (``momentum=None``) never
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import Tensor
@@ -83,7 +84,7 @@ def channel_sum(t: Tensor) -> Tensor:
         return t.sum((0, *range(2, t.dim())))
     rows, channels = t.shape
     body = rows - rows % BLOCK_ROWS
-    total = t[:body].view(body // BLOCK_ROWS, BLOCK_ROWS, channels).sum(1).sum(0)
+    total = t[:body].reshape(body // BLOCK_ROWS, BLOCK_ROWS, channels).sum(1).sum(0)
     return total if body == rows else total + t[body:].sum(0)
 
 
@@ -96,7 +97,7 @@ class CompiledTrainingBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps):
-        output, mean, inv_std, unbiased_var = _compiled(forward_formulas)(input, weight, bias, eps)
+        output, mean, inv_std, unbiased_var = _run(forward_formulas, input, weight, bias, eps)
         if running_mean is not None or running_var is not None:
             _update_running(running_mean, running_var, mean, unbiased_var, momentum)
         ctx.save_for_backward(input, mean, inv_std, weight)
@@ -106,9 +107,39 @@ class CompiledTrainingBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         input, mean, inv_std, weight = ctx.saved_tensors
-        grads = _compiled(backward_formulas)(grad_output, input, mean, inv_std, weight)
+        grads = _run(backward_formulas, grad_output, input, mean, inv_std, weight)
         need = ctx.needs_input_grad[:3]
         return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None, None, None)
+
+
+def _run(formulas, *args):
+    """formulas(*args) through torch.compile; eagerly, with one warning, if compiling fails.
+
+    torch.compile needs a working C++ compiler (CPU) or Triton (CUDA); without one the same
+    formulas still give the right numbers, only without the fusion.
+    """
+    global _compile_error
+    if _compile_error is None:
+        try:
+            return _compiled(formulas)(*args)
+        except Exception as error:
+            if not _is_compile_failure(error):
+                raise
+            _compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+            warnings.warn(f"BatchNorm1d(compile=True): torch.compile failed, running the formulas "
+                          f"eagerly instead ({_compile_error})", RuntimeWarning, stacklevel=2)
+    return formulas(*args)
+
+
+_compile_error: str | None = None  # why torch.compile failed in this process, once it has
+
+
+def _is_compile_failure(error: Exception) -> bool:
+    """Whether torch.compile itself failed (no compiler, a backend error), not the formulas."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return isinstance(error, (TorchDynamoException, InductorError))
 
 
 @functools.cache

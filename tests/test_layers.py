@@ -605,6 +605,7 @@ def test_compiled_layer_matches_native(shape, fresh_compile_cache):
         x = batch(shape, gen, torch.float32, scale=50.0, shift=10.0)
         assert_step_agrees(custom, native, x, batch(shape, gen, torch.float32))
     assert compiled._compiled.cache_info().currsize == 2  # forward and backward were compiled
+    assert compiled._compile_error is None  # ... and ran compiled, not the eager fallback
     x = batch(shape, gen, torch.float32).requires_grad_()
     (grad,) = torch.autograd.grad(custom(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
@@ -624,6 +625,59 @@ def test_compiled_layer_options_match_native(kwargs):
     for _ in range(2):
         x = batch((60, 1100), gen, dtype, scale=5.0, shift=2.0)
         assert_step_agrees(custom, native, x, batch((60, 1100), gen, dtype))
+
+
+@pytest.mark.slow
+def test_compiled_layer_takes_strided_input_and_a_plain_sum(fresh_compile_cache):
+    """A transposed (non-contiguous) input, and .sum()'s expanded gradient (all strides 0)."""
+    native, custom = make_pair(1100)
+    custom.use_compile = True
+    gen = torch.Generator().manual_seed(0)
+    x = batch((1100, 60), gen, torch.float32, scale=5.0, shift=2.0).t()
+    assert not x.is_contiguous()
+    assert_step_agrees(custom, native, x, batch((60, 1100), gen, torch.float32))
+    grads = []
+    for layer in (custom, native):
+        xg = x.detach().requires_grad_()
+        grads.append(torch.autograd.grad(layer(xg).sum(), [xg, layer.weight, layer.bias]))
+    for got, want in zip(*grads, strict=True):
+        assert_close(got, want)
+
+
+COMPILE_WITHOUT_COMPILER = """
+import warnings, torch
+from bnexp.layers import BatchNorm1d
+from bnexp import compiled
+torch.manual_seed(0)
+native, custom = torch.nn.BatchNorm1d(1100), BatchNorm1d(1100, compile=True)
+x = torch.randn(60, 1100) * 5 + 2
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for layer in (native, custom):
+        xg = x.clone().requires_grad_()
+        layer.out = layer(xg)
+        layer.grads = torch.autograd.grad(layer.out.sum(), [xg, layer.weight, layer.bias])
+torch.testing.assert_close(custom.out, native.out)
+for got, want in zip(custom.grads, native.grads):
+    torch.testing.assert_close(got, want)
+torch.testing.assert_close(custom.running_var, native.running_var)
+print(len(caught), caught[0].message)
+"""
+
+
+def test_compile_without_a_compiler_warns_once_and_runs_eagerly(tmp_path):
+    """No C++ compiler: one RuntimeWarning naming the cause, then the same formulas, eagerly."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # nothing cached to fall back on
+    result = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_COMPILER], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 BatchNorm1d(compile=True): torch.compile failed, running the "
+                                    "formulas eagerly instead (InductorError: InvalidCxxCompiler")
 
 
 def test_compile_leaves_small_inputs_to_the_eager_path(fresh_compile_cache):
