@@ -294,8 +294,9 @@ def bench_training(args) -> list[dict]:
     loader_steps = 50 if args.quick else 1000
     keys = ("custom", "native", "none", "dataloader", "logged", "unlogged")
     runs: dict[str, list[float]] = {k: [] for k in keys}
-    for _ in range(args.repeats):
-        for norm in ("custom", "native", "none"):
+    for repeat in range(args.repeats):
+        norms = ("custom", "native", "none") if repeat % 2 == 0 else ("none", "native", "custom")
+        for norm in norms:  # alternating order: a drift in machine speed hits both alike
             runs[norm].append(harness_run(norm, steps, eval_every=steps)["train_steps_per_s"])
         runs["dataloader"].append(dataloader_steps_per_s(loader_steps))
         # the same loop and the same 6 evaluations; only the TensorBoard output differs
@@ -310,9 +311,9 @@ def bench_training(args) -> list[dict]:
              "unlogged": "custom, 6 evals, train.tensorboard=false, wall"}
     rows = [{"what": names[k], "steps_per_s": round(med[k], 1)} for k in keys]
     rows += [
-        {"what": "custom / native (target >= 0.9)", "ratio": round(med["custom"] / med["native"], 3)},
-        {"what": "harness native / DataLoader (target >= 5)", "ratio": round(med["native"] / med["dataloader"], 2)},
-        {"what": "full logging / logging off (cost <= 10%)", "ratio": round(med["logged"] / med["unlogged"], 3)},
+        paired("custom / native (target >= 0.9)", runs["custom"], runs["native"], 3),
+        paired("harness native / DataLoader (target >= 5)", runs["native"], runs["dataloader"], 2),
+        paired("full logging / logging off (cost <= 10%)", runs["logged"], runs["unlogged"], 3),
     ]
     run = ["experiment=smoke"] if args.quick else []
     rows.append({"what": "peak RSS of a " + ("smoke" if args.quick else "default") + " run (MiB)",
@@ -320,10 +321,18 @@ def bench_training(args) -> list[dict]:
     return rows
 
 
+def paired(what: str, a: list[float], b: list[float], digits: int) -> dict:
+    """The median of the per-repeat ratios a/b, and their range across repeats."""
+    ratios = [x / y for x, y in zip(a, b)]
+    return {"what": what, "ratio": round(statistics.median(ratios), digits),
+            "range": f"{min(ratios):.{digits}f}-{max(ratios):.{digits}f}"}
+
+
 TRAINING_COLUMNS = [
     ("what", "what", "{}"),
     ("steps_per_s", "steps/s", "{:.1f}"),
     ("ratio", "ratio / value", "{}"),
+    ("range", "range over repeats", "{}"),
 ]
 
 
@@ -353,7 +362,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                         help="skip the torch.compile rows (each large shape compiles for seconds)")
-    parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
+    # training first: its harness timings are the most sensitive to what the process did before
+    # (the layer section allocates GBs and compiles kernels)
+    parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=["training", "layer"])
     parser.add_argument("--steady-malloc", action="store_true",
                         help="keep freed memory mapped (glibc mallopt): times without page faults")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
