@@ -30,7 +30,7 @@ row block so that they stay in cache. At small batches (the harness's 60 x 100) 
 is per call, ~1-2 us an op: Python floats are never passed to tensor ops (each would be
 wrapped and cast), the module reads its parameters without nn.Module.__getattr__, and
 small inputs skip the helper functions. torch's own kernel fuses all of this in C++, so
-eager code stays ~1.6x slower at large sizes; ``BatchNorm1d(compile=True)`` fuses the same
+eager code stays 1.6-2x slower at large sizes; ``BatchNorm1d(compile=True)`` fuses the same
 formulas into torch's pass count and is as fast as torch's kernel there (bnexp/compiled.py).
 """
 
