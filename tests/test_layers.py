@@ -167,15 +167,25 @@ def test_more_accurate_than_native_at_large_batch(features, one_thread):
     upstream = torch.randn(1024, features)
     assert (layers._row_blocks(x) is not None) == (features == 600)
     native, custom = make_pair(features)
-    truth, _ = make_pair(features, dtype=torch.float64)
-    truth.load_state_dict(native.state_dict())
+    ours, theirs = errors_against_float64([custom, native], x, upstream)
+    for mine, torchs in zip(ours, theirs, strict=True):
+        assert mine <= torchs
+
+
+def errors_against_float64(pair, x, upstream):
+    """For each layer: the largest error of output, grads and running_var against float64.
+
+    The float64 reference is torch's layer with the first layer's parameters.
+    """
+    truth, _ = make_pair(x.shape[1], dtype=torch.float64)
+    truth.load_state_dict(pair[0].state_dict())
     out_t, grads_t = forward_and_grads(truth, x.double(), upstream.double())
-    for layer in (custom, native):
+    errors = []
+    for layer in pair:
         out, grads = forward_and_grads(layer, x, upstream)
-        layer.errors = [(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [out_t, *grads_t])]
-        layer.errors.append((layer.running_var.double() - truth.running_var).abs().max().item())
-    for ours, theirs in zip(custom.errors, native.errors):
-        assert ours <= theirs
+        errors.append([(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [out_t, *grads_t])]
+                      + [(layer.running_var.double() - truth.running_var).abs().max().item()])
+    return errors
 
 
 def test_row_block_path_equals_whole_tensor_path(one_thread, monkeypatch):
@@ -697,13 +707,7 @@ def test_compiled_layer_as_accurate_as_native_at_large_batch(fresh_compile_cache
     upstream = torch.randn(1024, 600)
     native, custom = make_pair(600)
     custom.use_compile = True
-    truth, _ = make_pair(600, dtype=torch.float64)
-    truth.load_state_dict(native.state_dict())
-    out_t, grads_t = forward_and_grads(truth, x.double(), upstream.double())
-    for layer in (custom, native):
-        out, grads = forward_and_grads(layer, x, upstream)
-        layer.errors = [(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [out_t, *grads_t])]
-        layer.errors.append((layer.running_var.double() - truth.running_var).abs().max().item())
+    ours, theirs = errors_against_float64([custom, native], x, upstream)
     assert compiled._compiled.cache_info().currsize == 2
-    for ours, theirs in zip(custom.errors, native.errors):
-        assert ours <= theirs
+    for mine, torchs in zip(ours, theirs, strict=True):
+        assert mine <= torchs
