@@ -4,7 +4,7 @@ training loop vs a pytorch/examples-style DataLoader pipeline.
     python scripts/bench.py                                  # layer and training tables, 2 threads
     python scripts/bench.py --sections training              # training throughput, logging cost, peak RSS
     python scripts/bench.py --threads 1 --out outputs/bench.json
-    python scripts/bench.py --no-compile                     # skip the torch.compile rows (minutes)
+    python scripts/bench.py --no-compile                     # skip the torch.compile rows (seconds a shape)
     python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
     python scripts/bench.py --sections layer --steady-malloc # freed memory stays mapped: no page faults
 
@@ -110,10 +110,10 @@ def steady_malloc() -> str:
     import ctypes
     import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        raise SystemExit("error: --steady-malloc needs glibc's mallopt, which refused the settings")
+    if mallopt is None or not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("error: --steady-malloc needs glibc's mallopt (Linux), which is missing or refused")
     return "steady (mallopt: mmap threshold 32 MB, no trimming)"
 
 
