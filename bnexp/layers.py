@@ -83,7 +83,7 @@ class _TrainingBatchNorm(torch.autograd.Function):
     scale = weight * inv_std (one pass), and backward works from the centered input.
     Saved for backward: centered (N*C), inv_std and scale (C each), no more than torch
     saves (input, mean, 1/std, weight and both running buffers). Constants such as n and
-    eps are cached 0-dim tensors (_batch_constants): 11 ops forward, 10 backward.
+    eps are cached 0-dim tensors (_batch_constants): 12 ops forward, 10 backward.
     """
 
     @staticmethod
