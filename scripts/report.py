@@ -9,7 +9,8 @@ Tiny CPU recipe: run a smoke sweep first (see README), then point this at its sw
 import argparse
 import sys
 
-from bnexp.report import ReportError, write_report
+from bnexp.report import write_report
+from bnexp.sweep import ReportError
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bnexp.config import to_config
-from bnexp.report import load_runs, summarize
+from bnexp.stats import summarize
+from bnexp.sweep import load_runs
 from bnexp.train import train
 from conftest import compose_config
 
@@ -68,5 +69,5 @@ def test_custom_matches_native_on_real_mnist(sweep, seed):
 def test_report_reads_the_real_sweep(sweep):
     """The report on real runs: 9 runs, 3 groups, a speed-up of BN over none at lr 0.1 for 90%."""
     summary = summarize(load_runs(sweep), target=0.90)
-    assert summary["counts"]["runs"] == 9
-    assert summary["agreement"]["pairs"] == 3
+    assert summary.counts.runs == 9
+    assert summary.agreement.pairs == 3

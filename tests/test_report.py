@@ -1,4 +1,5 @@
-"""Tests for bnexp.report on synthetic sweep dirs with known answers.
+"""Tests for the sweep report (bnexp.sweep, bnexp.stats, bnexp.report, bnexp.figures) on synthetic
+sweep dirs with known answers.
 
 The synthetic sweep (budget 1000 steps, eval every 100, two seeds per group) is written by
 write_run(): summary.json per the design.md contract plus real TensorBoard event files. Its
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from bnexp import figures, stats, sweep as swp
 from bnexp import report as rep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,18 +107,18 @@ def sweep(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def summary(sweep) -> dict:
-    return rep.summarize(rep.load_runs(sweep), 0.95, rep.dirs_without_summary(sweep))
+def summary(sweep) -> stats.SweepStats:
+    return stats.summarize(swp.load_runs(sweep), 0.95, swp.dirs_without_summary(sweep))
 
 
-def group(summary, norm, lr) -> dict:
-    (g,) = [g for g in summary["groups"] if g["norm"] == norm and g["lr"] == lr]
+def group(summary, norm, lr) -> stats.Group:
+    (g,) = [g for g in summary.groups if g.norm == norm and g.lr == lr]
     return g
 
 
 def test_load_runs_finds_nested_runs_and_curves(sweep):
     """Every summary.json is found, nested ones too; curves come back from the event files."""
-    runs = rep.load_runs(sweep)
+    runs = swp.load_runs(sweep)
     assert len(runs) == 16
     nested = [r for r in runs if r.lr == 10.0]
     assert len(nested) == 4 and all(r.path.parent.name == "lr10" for r in nested)
@@ -136,55 +138,55 @@ def test_resumed_run_curve_is_continuous(tmp_path):
     for step in range(41, 51):  # stopped again before step 60: steps 51..60 of the first process are stale
         resumed.add_scalar("train/loss", 2.0, step)
     resumed.close()
-    steps, loss = rep.read_curves(tmp_path)["train/loss"]
+    steps, loss = swp.read_curves(tmp_path)["train/loss"]
     assert steps.tolist() == list(range(1, 51))
     assert loss.tolist() == [1.0] * 40 + [2.0] * 10
 
 
 def test_dirs_without_summary(sweep):
     """A run dir that crashed before summary.json counts; hidden launcher dirs and parents do not."""
-    assert [p.name for p in rep.dirs_without_summary(sweep)] == ["norm=none,optim.lr=0.1,seed=2"]
+    assert [p.name for p in swp.dirs_without_summary(sweep)] == ["norm=none,optim.lr=0.1,seed=2"]
 
 
 def test_counts(summary):
-    c = summary["counts"]
-    assert (c["runs"], c["completed"], c["diverged"], c["interrupted"]) == (16, 14, 1, 1)
-    assert len(c["without_summary"]) == 1
-    assert summary["experiment"] == "convergence" and summary["budgets"] == [1000]
-    assert summary["varying_keys"] == []
+    c = summary.counts
+    assert (c.runs, c.completed, c.diverged, c.interrupted) == (16, 14, 1, 1)
+    assert len(c.without_summary) == 1
+    assert summary.experiment == "convergence" and summary.budgets == [1000]
+    assert summary.varying_keys == []
 
 
 def test_group_order_and_status_counts(summary):
-    keys = [(g["norm"], g["lr"]) for g in summary["groups"]]
+    keys = [(g.norm, g.lr) for g in summary.groups]
     assert keys == [("none", 0.1), ("none", 1.0), ("none", 10.0), ("custom", 0.1), ("custom", 1.0),
                     ("custom", 10.0), ("native", 0.1), ("native", 1.0)]
     g = group(summary, "none", 10.0)
-    assert (g["runs"], g["diverged"], g["interrupted"]) == (2, 1, 1)
+    assert (g.runs, g.diverged, g.interrupted) == (2, 1, 1)
 
 
 def test_steps_to_target_mean_std_and_reached(summary):
     """Mean and sample std over the seeds that reached it; k/n counts every seed."""
-    s = group(summary, "custom", 0.1)["steps_to"]
-    assert (s[0.95]["mean"], s[0.95]["std"], s[0.95]["reached"], s[0.95]["n"]) == (400, pytest.approx(100 * 2**0.5), 2, 2)
-    assert (s[0.97]["mean"], s[0.97]["std"], s[0.97]["reached"]) == (700, None, 1)
-    assert s[0.97]["censored_mean"] == (700 + 1000) / 2
-    s = group(summary, "none", 0.1)["steps_to"]
-    assert (s[0.90]["mean"], s[0.90]["std"]) == (700, pytest.approx(100 * 2**0.5))
-    assert (s[0.95]["mean"], s[0.95]["reached"], s[0.95]["censored_mean"]) == (None, 0, 1000)
+    s = group(summary, "custom", 0.1).steps_to
+    assert (s[0.95].mean, s[0.95].std, s[0.95].reached, s[0.95].n) == (400, pytest.approx(100 * 2**0.5), 2, 2)
+    assert (s[0.97].mean, s[0.97].std, s[0.97].reached) == (700, None, 1)
+    assert s[0.97].censored_mean == (700 + 1000) / 2
+    s = group(summary, "none", 0.1).steps_to
+    assert (s[0.90].mean, s[0.90].std) == (700, pytest.approx(100 * 2**0.5))
+    assert (s[0.95].mean, s[0.95].reached, s[0.95].censored_mean) == (None, 0, 1000)
     # diverged run censored at the budget, interrupted one at its steps_done
-    assert group(summary, "none", 10.0)["steps_to"][0.95]["censored_mean"] == (1000 + 500) / 2
+    assert group(summary, "none", 10.0).steps_to[0.95].censored_mean == (1000 + 500) / 2
 
 
 def test_final_test_acc_skips_nan(summary):
-    acc = group(summary, "none", 10.0)["final_test_acc"]
-    assert (acc["mean"], acc["std"], acc["n"]) == (0.92, None, 1)
-    acc = group(summary, "none", 1.0)["final_test_acc"]
-    assert acc["mean"] == pytest.approx(0.965) and acc["std"] == pytest.approx(0.01 / 2**0.5)
+    acc = group(summary, "none", 10.0).final_test_acc
+    assert (acc.mean, acc.std, acc.n) == (0.92, None, 1)
+    acc = group(summary, "none", 1.0).final_test_acc
+    assert acc.mean == pytest.approx(0.965) and acc.std == pytest.approx(0.01 / 2**0.5)
 
 
 def test_speedups_per_lr(summary):
     """Exact where both reached; a lower bound where none never did (budget / steps)."""
-    got = {(s["norm"], s["lr"]): (s["ratio"], s["kind"]) for s in summary["speedup"]["by_lr"]}
+    got = {(s.norm, s.lr): (s.ratio, s.kind) for s in summary.speedup.by_lr}
     assert got == {
         ("custom", 0.1): (pytest.approx(1000 / 400), ">"),   # none: 0/2 within 1000 steps
         ("custom", 1.0): (pytest.approx(500 / 250), "="),
@@ -195,40 +197,41 @@ def test_speedups_per_lr(summary):
 
 
 def test_speedups_at_best_lr(summary):
-    sp = summary["speedup"]
-    assert sp["none_best_lr"] == 1.0
-    best = {b["norm"]: (b["lr"], b["ratio"], b["kind"]) for b in sp["best"]}
+    sp = summary.speedup
+    assert sp.none_best_lr == 1.0
+    best = {b.norm: (b.lr, b.ratio, b.kind) for b in sp.best}
     assert best == {"custom": (10.0, pytest.approx(500 / 200), "="), "native": (1.0, pytest.approx(500 / 250), "=")}
 
 
 def test_speedup_ratio_bounds():
     """Lower bound when the base missed, upper bound when the variant missed, n/a when both did."""
-    stats = lambda reached, n, cm: {"reached": reached, "n": n, "censored_mean": cm}
-    assert rep.speedup_ratio(stats(2, 2, 600), stats(2, 2, 300)) == (2.0, "=")
-    assert rep.speedup_ratio(stats(1, 2, 800), stats(2, 2, 200)) == (4.0, ">")
-    assert rep.speedup_ratio(stats(2, 2, 600), stats(0, 2, 1000)) == (0.6, "<")
-    assert rep.speedup_ratio(stats(0, 2, 1000), stats(1, 2, 700)) == (None, "n/a")
+    steps = lambda reached, n, cm: stats.StepStats(n=n, reached=reached, mean=None, std=None, censored_mean=cm,
+                                                   steps=[])
+    assert stats.speedup_ratio(steps(2, 2, 600), steps(2, 2, 300)) == (2.0, "=")
+    assert stats.speedup_ratio(steps(1, 2, 800), steps(2, 2, 200)) == (4.0, ">")
+    assert stats.speedup_ratio(steps(2, 2, 600), steps(0, 2, 1000)) == (0.6, "<")
+    assert stats.speedup_ratio(steps(0, 2, 1000), steps(1, 2, 700)) == (None, "n/a")
     assert rep.fmt_ratio(4.0, ">") == "> 4.00x" and rep.fmt_ratio(None, "n/a") == "n/a"
 
 
 def test_agreement(summary):
     """Max |diff| of final test acc over matching (lr, seed); of train/loss over the first 100 steps only."""
-    ag = summary["agreement"]
-    assert (ag["pairs"], ag["acc_pairs"], ag["loss_pairs"]) == (4, 4, 4)
-    assert ag["max_acc_diff"] == pytest.approx(0.002) and ag["max_acc_pair"] == (1.0, 1)
-    assert ag["max_loss_diff"] == 2.0**-12 and ag["max_loss_pair"] == (0.1, 0)
-    assert ag["matches"] is True
+    ag = summary.agreement
+    assert (ag.pairs, ag.acc_pairs, ag.loss_pairs) == (4, 4, 4)
+    assert ag.max_acc_diff == pytest.approx(0.002) and ag.max_acc_pair == (1.0, 1)
+    assert ag.max_loss_diff == 2.0**-12 and ag.max_loss_pair == (0.1, 0)
+    assert ag.matches is True
 
 
 def test_agreement_flags_a_mismatch(tmp_path):
     write_run(tmp_path, "c", "custom", 1.0, 0, (100, 200, 300), 0.98)
     write_run(tmp_path, "n", "native", 1.0, 0, (100, 200, 300), 0.90, loss_bumps={3: 0.25})
-    ag = rep.agreement(rep.load_runs(tmp_path))
-    assert ag["max_acc_diff"] == pytest.approx(0.08) and ag["max_loss_diff"] == 0.25 and ag["matches"] is False
+    ag = stats.agreement(swp.load_runs(tmp_path))
+    assert ag.max_acc_diff == pytest.approx(0.08) and ag.max_loss_diff == 0.25 and ag.matches is False
 
 
 def test_conclusion_is_built_from_the_numbers(summary):
-    text = summary["conclusion"]
+    text = rep.conclusion(summary)
     assert text.startswith("Within 1000 steps, test accuracy 0.95 was reached by none with every seed at lr 1; "
                            "custom with every seed at lr 0.1, 1, 10; native with every seed at lr 0.1, 1.")
     assert "custom over none ranges from 2.00x at lr 1 (a large gap) to > 3.75x at lr 10" in text
@@ -242,25 +245,25 @@ def test_agreement_per_lr_tells_drift_from_a_different_function(tmp_path):
     """Same first loss, same final accuracy, losses drifting later: matches, and the drift is named."""
     write_run(tmp_path, "c", "custom", 1.0, 0, (100, 200, 300), 0.98)
     write_run(tmp_path, "n", "native", 1.0, 0, (100, 200, 300), 0.98, loss_bumps={3: 0.25})
-    summary = rep.summarize(rep.load_runs(tmp_path))
-    ag = summary["agreement"]
-    assert ag["matches"] is True and ag["max_step1_diff"] == 0.0
-    assert ag["by_lr"] == [{"lr": 1.0, "pairs": 1, "max_acc_diff": 0.0, "max_loss_diff": 0.25, "max_step1_diff": 0.0}]
-    assert "At lr 1 (up to 0.25) they drift apart within the first 100 steps" in summary["conclusion"]
+    summary = stats.summarize(swp.load_runs(tmp_path))
+    ag = summary.agreement
+    assert ag.matches is True and ag.max_step1_diff == 0.0
+    assert ag.by_lr == [stats.LrAgreement(lr=1.0, pairs=1, max_acc_diff=0.0, max_loss_diff=0.25, max_step1_diff=0.0)]
+    assert "At lr 1 (up to 0.25) they drift apart within the first 100 steps" in rep.conclusion(summary)
 
 
 def test_target_from_curve_when_not_in_summary(sweep):
     """A target missing from steps_to_test_acc is found on the test/acc curve."""
-    runs = rep.load_runs(sweep)
+    runs = swp.load_runs(sweep)
     run = next(r for r in runs if (r.norm, r.lr, r.seed) == ("custom", 0.1, 1))
     assert run.steps_to(0.93) == 500 and run.steps_to(0.99) is None and run.steps_to(0.9) == 200
-    s = rep.summarize(runs, target=0.93)
-    assert s["thresholds"] == [0.9, 0.93, 0.95, 0.97]
+    s = stats.summarize(runs, target=0.93)
+    assert s.thresholds == [0.9, 0.93, 0.95, 0.97]
 
 
 def test_bad_target():
-    with pytest.raises(rep.ReportError, match="target 1.5 is not a test accuracy"):
-        rep.summarize([], target=1.5)
+    with pytest.raises(swp.ReportError, match="target 1.5 is not a test accuracy"):
+        stats.summarize([], target=1.5)
 
 
 def test_write_report_markdown_and_figures(tmp_path):
@@ -282,43 +285,43 @@ def test_write_report_markdown_and_figures(tmp_path):
 
 
 def test_activation_pair_prefers_native_and_healthy_runs(sweep):
-    base, run, layer = rep.pick_activation_pair(rep.load_runs(sweep))
+    base, run, layer = figures.pick_activation_pair(swp.load_runs(sweep))
     assert (base.norm, run.norm, run.lr, run.seed, layer) == ("none", "native", 0.1, 0, 3)
 
 
 # ----------------------------------------------------------------------------- errors
 
 def test_error_missing_dir(tmp_path):
-    with pytest.raises(rep.ReportError, match="does not exist"):
-        rep.load_runs(tmp_path / "nope")
+    with pytest.raises(swp.ReportError, match="does not exist"):
+        swp.load_runs(tmp_path / "nope")
 
 
 def test_error_empty_dir(tmp_path):
-    with pytest.raises(rep.ReportError, match="is empty"):
-        rep.load_runs(tmp_path)
+    with pytest.raises(swp.ReportError, match="is empty"):
+        swp.load_runs(tmp_path)
 
 
 def test_error_no_runs(tmp_path):
     (tmp_path / "a" / ".hydra").mkdir(parents=True)
-    with pytest.raises(rep.ReportError, match=r"no summary.json anywhere below it \(1 run dirs without one\)"):
-        rep.load_runs(tmp_path)
+    with pytest.raises(swp.ReportError, match=r"no summary.json anywhere below it \(1 run dirs without one\)"):
+        swp.load_runs(tmp_path)
 
 
 def test_error_mixed_experiments(tmp_path):
     write_run(tmp_path, "a", "none", 1.0, 0, (100, 200, 300), 0.98, name="convergence")
     write_run(tmp_path, "b", "none", 1.0, 1, (100, 200, 300), 0.98, name="ioffe2015")
-    with pytest.raises(rep.ReportError, match=r"runs mix experiments \(convergence: 1 runs, .*; ioffe2015: 1 runs"):
-        rep.load_runs(tmp_path)
+    with pytest.raises(swp.ReportError, match=r"runs mix experiments \(convergence: 1 runs, .*; ioffe2015: 1 runs"):
+        swp.load_runs(tmp_path)
 
 
 def test_error_bad_summary(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "summary.json").write_text('{"status": "completed"}')
-    with pytest.raises(rep.ReportError, match="summary.json lacks norm, seed"):
-        rep.load_runs(tmp_path)
+    with pytest.raises(swp.ReportError, match="summary.json lacks norm, seed"):
+        swp.load_runs(tmp_path)
     (tmp_path / "a" / "summary.json").write_text("{not json")
-    with pytest.raises(rep.ReportError, match="cannot read as JSON"):
-        rep.load_runs(tmp_path)
+    with pytest.raises(swp.ReportError, match="cannot read as JSON"):
+        swp.load_runs(tmp_path)
 
 
 # ----------------------------------------------------------------------------- CLI

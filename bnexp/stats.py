@@ -1,0 +1,319 @@
+"""The numbers of a sweep: steps to a test accuracy per (norm, lr), speed-ups over none, custom vs native.
+
+Runs are grouped by (norm, optim.lr) over seeds. A seed that never reached a target counts at
+its censor step (the budget, or steps_done if interrupted) wherever a mean over every seed is
+needed, which makes that mean a bound rather than an estimate; each result says which it is.
+Diverged and interrupted runs are counted, never dropped.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnexp.sweep import STATUSES, ReportError, Run
+
+NORM_ORDER = ("none", "custom", "native")  # the baseline first, then the two BN variants
+THRESHOLDS = (0.90, 0.95, 0.97)  # test accuracies the table always shows
+N_LOSS_COMPARE = 100  # custom vs native: compare this many first train/loss values
+AGREE_LOSS_TOL = 1e-3  # float rounding alone stays far below this after 100 steps
+AGREE_ACC_TOL = 0.005  # 50 of the 10,000 test images; rounding can flip a few late in training
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Steps to one test accuracy over a group's seeds."""
+
+    n: int  # runs in the group, diverged and interrupted ones included
+    reached: int  # how many of them reached the target
+    mean: float | None  # mean steps of those that reached it; None if none did
+    std: float | None  # their sample std (ddof=1); None below two
+    censored_mean: float  # mean over all n, a miss counted at its censor step
+    steps: list[int | None]  # per run, None where not reached
+
+    @property
+    def all_reached(self) -> bool:
+        return self.reached == self.n
+
+
+@dataclass(frozen=True)
+class AccStats:
+    """Final test accuracy over the runs of a group that have a finite one."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """One (norm, lr) over its seeds."""
+
+    norm: str
+    lr: float
+    seeds: list
+    runs: int
+    diverged: int
+    interrupted: int
+    steps_to: dict[float, StepStats]  # by target test accuracy
+    final_test_acc: AccStats
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """Mean steps of none / mean steps of `norm`; kind '=' exact, '>' lower bound, '<' upper bound, 'n/a'."""
+
+    norm: str
+    lr: float
+    ratio: float | None
+    kind: str
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Speed-ups over none at each shared lr, and at each norm's own best lr against none's best."""
+
+    none_best_lr: float | None  # None: the sweep has no `none` runs
+    by_lr: list[Speedup]
+    best: list[Speedup]
+
+
+@dataclass(frozen=True)
+class LrAgreement:
+    """custom vs native at one lr: the largest differences over its (lr, seed) pairs."""
+
+    lr: float
+    pairs: int
+    max_acc_diff: float | None
+    max_loss_diff: float | None
+    max_step1_diff: float | None
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """custom vs native over every (lr, seed) that has both; None where nothing was comparable."""
+
+    pairs: int
+    acc_pairs: int
+    max_acc_diff: float | None
+    max_acc_pair: tuple | None  # (lr, seed) of the largest difference
+    loss_pairs: int
+    max_loss_diff: float | None
+    max_loss_pair: tuple | None
+    max_step1_diff: float | None
+    by_lr: list[LrAgreement]
+    matches: bool | None  # final acc within AGREE_ACC_TOL and first losses within AGREE_LOSS_TOL
+
+
+@dataclass(frozen=True)
+class Counts:
+    """How many runs ended how, and the run dirs that never wrote a summary.json."""
+
+    runs: int
+    completed: int
+    diverged: int
+    interrupted: int
+    without_summary: list[str]
+
+
+@dataclass(frozen=True)
+class SweepStats:
+    """Everything the report says about a sweep, as numbers."""
+
+    experiment: str
+    target: float  # the test accuracy speed-ups are measured at
+    thresholds: list[float]  # THRESHOLDS and the target, ascending
+    counts: Counts
+    budgets: list[int]
+    eval_every: list
+    varying_keys: list[str]
+    groups: list[Group]
+    speedup: Speedups
+    agreement: Agreement
+
+
+def summarize(runs: list[Run], target: float = 0.95, without_summary=()) -> SweepStats:
+    """Per-group statistics, speed-ups at `target` and custom-vs-native agreement of a sweep's runs."""
+    if not 0 < target <= 1:
+        raise ReportError(f"target {target} is not a test accuracy in (0, 1]")
+    thresholds = sorted(set(THRESHOLDS) | {target}, key=float)
+    groups = [group_stats(norm, lr, rs, thresholds) for (norm, lr), rs in group_runs(runs).items()]
+    return SweepStats(
+        experiment=runs[0].experiment,
+        target=target,
+        thresholds=thresholds,
+        counts=_counts(runs, without_summary),
+        budgets=sorted({r.budget for r in runs}),
+        eval_every=sorted({r.config.get("train.eval_every") for r in runs}, key=str),
+        varying_keys=varying_keys(runs),
+        groups=groups,
+        speedup=speedups(groups, target),
+        agreement=agreement(runs),
+    )
+
+
+def _norm_key(norm: str):
+    return (NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER), norm)
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, float], list[Run]]:
+    """Runs by (norm, lr), norms in NORM_ORDER then by name, lrs ascending, seeds ascending in each."""
+    groups: dict[tuple[str, float], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.norm, run.lr), []).append(run)
+    order = sorted(groups, key=lambda k: (_norm_key(k[0]), k[1]))
+    return {k: sorted(groups[k], key=lambda r: str(r.seed)) for k in order}
+
+
+def _counts(runs: list[Run], without_summary) -> Counts:
+    by_status = {s: sum(r.status == s for r in runs) for s in STATUSES}
+    return Counts(runs=len(runs), **by_status, without_summary=[str(p) for p in without_summary])
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof=1) of a list; None where undefined (no values / one value)."""
+    if not values:
+        return None, None
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return float(np.mean(values)), std
+
+
+def steps_stats(runs: list[Run], target: float) -> StepStats:
+    """Steps to `target` over seeds: mean/std of those that reached it, k/n, and the censored mean."""
+    steps = [r.steps_to(target) for r in runs]
+    reached = [s for s in steps if s is not None]
+    censored = [s if s is not None else r.censor_step() for r, s in zip(runs, steps)]
+    mean, std = mean_std(reached)
+    return StepStats(n=len(runs), reached=len(reached), mean=mean, std=std,
+                     censored_mean=float(np.mean(censored)), steps=steps)
+
+
+def group_stats(norm: str, lr: float, runs: list[Run], thresholds) -> Group:
+    """One (norm, lr): its status counts, steps to each threshold, final test accuracy."""
+    accs = [r.final_test_acc for r in runs if math.isfinite(r.final_test_acc)]
+    acc_mean, acc_std = mean_std(accs)
+    return Group(
+        norm=norm, lr=lr, seeds=[r.seed for r in runs], runs=len(runs),
+        diverged=sum(r.status == "diverged" for r in runs),
+        interrupted=sum(r.status == "interrupted" for r in runs),
+        steps_to={t: steps_stats(runs, t) for t in thresholds},
+        final_test_acc=AccStats(mean=acc_mean, std=acc_std, n=len(accs)),
+    )
+
+
+def speedup_ratio(base: StepStats, variant: StepStats) -> tuple[float | None, str]:
+    """(ratio of mean steps base/variant, kind): '=' exact, '>' lower bound, '<' upper bound, 'n/a'.
+
+    An unreached seed counts at its censor step, which is below its true (unknown) step count:
+    so the base's mean is a lower bound when the base missed, the variant's when the variant missed.
+    """
+    if not (base.all_reached or variant.all_reached) or variant.censored_mean == 0:
+        return None, "n/a"
+    ratio = base.censored_mean / variant.censored_mean
+    kind = "=" if base.all_reached and variant.all_reached else (">" if variant.all_reached else "<")
+    return ratio, kind
+
+
+def best_group(groups: list[Group], norm: str, target: float) -> Group | None:
+    """The norm's best lr: most seeds reaching the target, then fewest (censored) mean steps, then lowest lr."""
+    mine = [g for g in groups if g.norm == norm]
+    if not mine:
+        return None
+
+    def rank(g: Group):
+        s = g.steps_to[target]
+        return (-s.reached / s.n, s.censored_mean, g.lr)
+
+    return min(mine, key=rank)
+
+
+def speedups(groups: list[Group], target: float) -> Speedups:
+    """Speed-up of every non-`none` norm over none at each shared lr and at each norm's own best lr."""
+    base = {g.lr: g for g in groups if g.norm == "none"}
+    by_lr = [Speedup(g.norm, g.lr, *speedup_ratio(base[g.lr].steps_to[target], g.steps_to[target]))
+             for g in groups if g.norm != "none" and g.lr in base]
+    none_best = best_group(groups, "none", target)
+    best = []
+    for norm in dict.fromkeys(g.norm for g in groups if g.norm != "none"):
+        g = best_group(groups, norm, target)
+        ratio, kind = (None, "n/a") if none_best is None else speedup_ratio(
+            none_best.steps_to[target], g.steps_to[target])
+        best.append(Speedup(norm, g.lr, ratio, kind))
+    return Speedups(none_best_lr=None if none_best is None else none_best.lr, by_lr=by_lr, best=best)
+
+
+def _loss_diffs(a: Run, b: Run) -> np.ndarray | None:
+    """|diff| of the first N_LOSS_COMPARE train/loss values ([inf] if the steps or NaNs differ)."""
+    if "train/loss" not in a.curves or "train/loss" not in b.curves:
+        return None
+    (sa, va), (sb, vb) = (r.curves["train/loss"] for r in (a, b))
+    n = min(N_LOSS_COMPARE, len(sa), len(sb))
+    if n == 0 or not np.array_equal(sa[:n], sb[:n]):
+        return np.array([math.inf])
+    d = np.abs(va[:n] - vb[:n])
+    both_nan = np.isnan(va[:n]) & np.isnan(vb[:n])
+    return np.where(both_nan, 0.0, np.where(np.isnan(d), math.inf, d))
+
+
+def _pair_numbers(c: Run, n: Run) -> dict:
+    """One (lr, seed) pair: |diff| of final test acc, max |diff| of the first losses, |diff| at step 1."""
+    d = _loss_diffs(c, n)
+    acc = abs(c.final_test_acc - n.final_test_acc)
+    return {"acc": acc if math.isfinite(acc) else None,
+            "loss": None if d is None else float(d.max()),
+            "step1": None if d is None else float(d[0])}
+
+
+def _max_with_pair(items):
+    items = [(v, k) for k, v in items if v is not None]
+    return max(items, key=lambda x: x[0]) if items else (None, None)
+
+
+def _max_of(numbers: list[dict], key: str) -> float | None:
+    values = [x[key] for x in numbers if x[key] is not None]
+    return max(values) if values else None
+
+
+def agreement(runs: list[Run]) -> Agreement:
+    """custom vs native on the same (lr, seed): max |diff| of final test acc and of the first train losses.
+
+    Overall and per lr. `step1` is the loss difference at the first step (same weights, same
+    batch: pure float rounding of one forward pass); a difference that starts there and grows
+    over the first steps is rounding amplified by the training dynamics, not another function.
+    `matches`: final accuracies within AGREE_ACC_TOL and first-step losses within AGREE_LOSS_TOL.
+    """
+    custom = {(r.lr, r.seed): r for r in runs if r.norm == "custom"}
+    native = {(r.lr, r.seed): r for r in runs if r.norm == "native"}
+    pairs = sorted(set(custom) & set(native), key=str)
+    numbers = {k: _pair_numbers(custom[k], native[k]) for k in pairs}
+    acc_max, acc_pair = _max_with_pair([(k, v["acc"]) for k, v in numbers.items()])
+    loss_max, loss_pair = _max_with_pair([(k, v["loss"]) for k, v in numbers.items()])
+    step1_max = _max_of(list(numbers.values()), "step1")
+    matches = None
+    if acc_max is not None or step1_max is not None:
+        matches = ((acc_max is None or acc_max <= AGREE_ACC_TOL)
+                   and (step1_max is None or step1_max <= AGREE_LOSS_TOL))
+    by_lr = []
+    for lr in sorted({k[0] for k in pairs}):
+        at = [v for k, v in numbers.items() if k[0] == lr]
+        by_lr.append(LrAgreement(lr=lr, pairs=len(at), max_acc_diff=_max_of(at, "acc"),
+                                 max_loss_diff=_max_of(at, "loss"), max_step1_diff=_max_of(at, "step1")))
+    return Agreement(pairs=len(pairs), acc_pairs=sum(v["acc"] is not None for v in numbers.values()),
+                     max_acc_diff=acc_max, max_acc_pair=acc_pair,
+                     loss_pairs=sum(v["loss"] is not None for v in numbers.values()),
+                     max_loss_diff=loss_max, max_loss_pair=loss_pair, max_step1_diff=step1_max,
+                     by_lr=by_lr, matches=matches)
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys that differ between runs besides norm.*, optim.lr and seed (the grouping ignores them)."""
+    keys = set().union(*(r.config for r in runs))
+    out = []
+    for key in sorted(keys):
+        if key.startswith("norm.") or key in ("optim.lr", "seed"):
+            continue
+        if len({json.dumps(r.config.get(key), sort_keys=True, default=str) for r in runs}) > 1:
+            out.append(key)
+    return out
