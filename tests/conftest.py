@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnexp.data import write_idx
+from bnexp.idx import write_idx
 
 
 # ============================================================================================
