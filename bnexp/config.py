@@ -4,6 +4,11 @@ The dataclasses below are registered in Hydra's ConfigStore, so a wrong *type* (
 fails when Hydra merges the overrides. Wrong *values* (``optim.lr=-1``) fail in `validate`,
 before any data is loaded or any file is written, with one line that names the key, the value
 and what is allowed.
+
+Each value is checked in one place. Two limits depend on the data, not on the config, and are
+checked where the number of training images is known, right after the IDX files are read and
+before a model is built: `data.val_size < training images` (bnexp.data.load_mnist) and
+`train.batch_size <= images left for training` (bnexp.train, when the run loads its data).
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ NORMS = ("none", "custom", "native")
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 DEVICES = ("auto", "cpu", "cuda")
 RESUME_MODES = ("auto", "never")
-MNIST_TRAIN_IMAGES = 60_000
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -121,13 +125,10 @@ def to_config(cfg: DictConfig) -> Config:
     return obj
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-
-
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Unless ok, raise the one line `key=value is not allowed: allowed`."""
     if not ok:
-        _fail(key, value, allowed)
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
 def _positive_finite(value: float) -> bool:
@@ -152,17 +153,15 @@ def validate(cfg: Config) -> None:
     for key in ("eval_every", "log_every", "checkpoint_every"):
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     _require(t.resume in RESUME_MODES, "train.resume", t.resume, f"one of {', '.join(RESUME_MODES)}")
-    d = cfg.data
-    _require(0 <= d.val_size < MNIST_TRAIN_IMAGES, "data.val_size", d.val_size,
-             f"an integer in [0, {MNIST_TRAIN_IMAGES}) (images held out of the training set)")
-    _require(t.batch_size <= MNIST_TRAIN_IMAGES - d.val_size, "train.batch_size", t.batch_size,
-             f"at most the training set size, {MNIST_TRAIN_IMAGES - d.val_size} images")
     _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
     _require(cfg.threads == "auto" or (str(cfg.threads).isdigit() and int(cfg.threads) >= 1),
              "threads", cfg.threads, "'auto' or an integer >= 1")
 
 
 def _validate_optim(optim: SGDConfig | AdamConfig) -> None:
+    group = "sgd" if isinstance(optim, SGDConfig) else "adam"
+    _require(optim.name == group, "optim.name", optim.name,
+             f"{group!r}, the name of its group (pick the optimizer with optim=sgd or optim=adam)")
     _require(_positive_finite(optim.lr), "optim.lr", optim.lr, "a finite number > 0")
     if isinstance(optim, SGDConfig):
         _require(0 <= optim.momentum < 1, "optim.momentum", optim.momentum, "a number in [0, 1)")
