@@ -4,8 +4,9 @@ A run is a sequence of *segments*: stretches of training steps between two *boun
 (multiples of eval_every or checkpoint_every, and the last step). Inside a segment nothing
 touches the host: losses stay on the device. At a boundary the losses are written to
 TensorBoard in bulk, divergence is checked, and the run evaluates and/or checkpoints.
-A resumed run restarts at a checkpoint, which is always a boundary, so its segments (and
-therefore every number it computes) are the same as those of an uninterrupted run.
+A resumed run restarts at its checkpoint (a boundary, or the step a signal stopped it at) with
+the same weights, batches and random numbers, so every number it computes is the same as in
+an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from bnexp import checkpoint as ckpt
 from bnexp.atomic import atomic_write, write_json
-from bnexp.config import Config, ConfigError, flatten, resolve_data_root
+from bnexp.config import Config, ConfigError, TrainConfig, flatten, resolve_data_root
 from bnexp.data import MNIST, load_mnist
 from bnexp.model import MLP, init_weights
 from bnexp.monitor import make_monitor
@@ -35,7 +37,6 @@ log = logging.getLogger(__name__)
 
 THRESHOLDS = ("0.90", "0.95", "0.97", "0.98")
 PROBE_SIZE = 1000  # test images whose pre-activations give the act/ percentiles
-IGNORED_ON_RESUME = ("train.resume",)  # keys that may change between a run and its resume
 
 
 class RunInterrupted(Exception):
@@ -82,8 +83,7 @@ class Progress:
     """Everything about a run's history that a checkpoint must carry besides tensors."""
 
     step: int = 0
-    status: str = "running"
-    diverged_at_step: int | None = None
+    diverged_at_step: int | None = None  # the first step whose loss was not finite: the run's status follows
     evals: list[dict] = field(default_factory=list)
     loss_sum: float = 0.0  # train losses since the last eval point, for final.train_loss
     loss_count: int = 0
@@ -114,12 +114,10 @@ class StopFlag:
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    """SGD (with optional momentum) or Adam, from the optim config group."""
+    """SGD (with optional momentum) or Adam, from the optim config group (validated: sgd or adam)."""
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    if cfg.optim.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.optim.lr)
-    raise ConfigError(f"optim.name={cfg.optim.name!r} is not allowed: one of sgd, adam")
+    return torch.optim.Adam(params, lr=cfg.optim.lr)
 
 
 @torch.no_grad()
@@ -149,22 +147,52 @@ def steps_to_test_acc(evals: list[dict]) -> dict[str, int | None]:
     return reached
 
 
-def boundaries(cfg: Config):
-    """Is `step` a segment boundary, and is it an eval point / checkpoint point?"""
-    t = cfg.train
+def segment_ends(start: int, t: TrainConfig) -> Iterator[int]:
+    """The boundaries after step `start`, in order: multiples of eval_every or checkpoint_every, and the last step."""
+    step = start
+    while step < t.steps:
+        step = min((step // t.eval_every + 1) * t.eval_every,
+                   (step // t.checkpoint_every + 1) * t.checkpoint_every, t.steps)
+        yield step
 
-    def is_eval(step: int) -> bool:
-        return step % t.eval_every == 0 or step == t.steps
 
-    def is_checkpoint(step: int) -> bool:
-        return step % t.checkpoint_every == 0 or step == t.steps
+def is_eval_point(step: int, t: TrainConfig) -> bool:
+    return step % t.eval_every == 0 or step == t.steps
 
-    def next_boundary(step: int) -> int:
-        nxt = min((step // t.eval_every + 1) * t.eval_every,
-                  (step // t.checkpoint_every + 1) * t.checkpoint_every)
-        return min(nxt, t.steps)
 
-    return is_eval, is_checkpoint, next_boundary
+def is_checkpoint_point(step: int, t: TrainConfig) -> bool:
+    return step % t.checkpoint_every == 0 or step == t.steps
+
+
+def run_status(p: Progress, steps: int) -> str:
+    """The run's status, decided here and nowhere else: diverged once a loss was not finite,
+    completed once all `steps` are done, else interrupted (stopped short by a signal, or not yet resumed)."""
+    if p.diverged_at_step is not None:
+        return "diverged"
+    return "completed" if p.step >= steps else "interrupted"
+
+
+def run_summary(p: Progress, cfg: Config) -> dict:
+    """summary.json (design.md): a pure function of the run's progress and its config."""
+    status, last = run_status(p, cfg.train.steps), p.evals[-1]
+    return {
+        "status": status,
+        "norm": cfg.norm.name,
+        "seed": cfg.seed,
+        "steps_done": p.diverged_at_step if status == "diverged" else p.step,
+        "diverged_at_step": p.diverged_at_step,
+        "final": {"train_loss": p.last_train_loss, "val_acc": last["val/acc"],
+                  "test_acc": last["test/acc"], "test_loss": last["test/loss"]},
+        "steps_to_test_acc": steps_to_test_acc(p.evals),
+        "wall_s": round(p.wall_s, 3),
+        "train_steps_per_s": round(p.step / p.train_s, 1) if p.train_s > 0 else None,
+        "config": flatten(cfg),
+    }
+
+
+def eval_metrics(record: dict) -> dict[str, float]:
+    """An evaluation record without its step: what TensorBoard and hparams get."""
+    return {k: v for k, v in record.items() if k != "step"}
 
 
 class Run:
@@ -175,7 +203,7 @@ class Run:
         self.flat = flatten(cfg)
         self.device = pick_device(cfg.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        saved = self._saved_checkpoint()
+        saved = None if cfg.train.resume == "never" else ckpt.load_checkpoint(self.run_dir, self.flat)
         self.data = self._load_data()
         torch.manual_seed(cfg.seed)
         self.model = MLP(cfg.model.widths, cfg.model.activation, cfg.norm.name, cfg.norm.compile)
@@ -185,28 +213,14 @@ class Run:
         self.order = BatchOrder(len(self.data.train_x), cfg.train.batch_size, cfg.seed, self.device)
         self.progress = Progress()
         if saved is not None:
-            self._restore(saved)
+            self.progress = Progress(**ckpt.restore(saved, self.model, self.optimizer, self.order))
+            log.info("resuming from %s at step %d", self.run_dir / ckpt.CHECKPOINT, self.progress.step)
         purge = self.progress.step + 1 if saved is not None else 0
         self.monitor = make_monitor(self.run_dir, purge, cfg.train.tensorboard)
         self.probe = self.data.test_x[:PROBE_SIZE]
 
-    def _saved_checkpoint(self) -> dict | None:
-        """The checkpoint to resume from (auto), after checking its config matches this run's."""
-        if self.cfg.train.resume == "never":
-            return None
-        saved = ckpt.load_checkpoint(self.run_dir)
-        if saved is None:
-            return None
-        diff = ckpt.config_diff(saved["config"], self.flat, ignore=IGNORED_ON_RESUME)
-        if diff:
-            raise ckpt.CheckpointError(
-                f"{self.run_dir / ckpt.CHECKPOINT} was made with another config; differing keys: "
-                f"{'; '.join(diff)}. Use the same overrides to resume, another hydra.run.dir, "
-                f"or train.resume=never to start over")
-        log.info("resuming from %s at step %d", self.run_dir / ckpt.CHECKPOINT, saved["step"])
-        return saved
-
     def _load_data(self) -> MNIST:
+        """The data, and train.batch_size's upper bound: the images left for training, known only now."""
         d = self.cfg.data
         data = load_mnist(resolve_data_root(d.root), val_size=d.val_size, normalize=d.normalize,
                           device=self.device, verify=d.verify)
@@ -216,30 +230,11 @@ class Run:
                               f"at most the training set size, {n} images")
         return data
 
-    def _restore(self, saved: dict) -> None:
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.order.load_state_dict(saved["order"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if saved["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        self.progress = Progress(**saved["progress"])
-        if self.progress.status == "interrupted":
-            self.progress.status = "running"
-
     def _checkpoint(self) -> None:
         """Flush TensorBoard, then atomically save model, optimizer, RNGs, data order and history."""
         self.monitor.flush()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        ckpt.save_checkpoint(self.run_dir, {
-            "step": self.progress.step,
-            "config": self.flat,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "order": self.order.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
-            "progress": vars(self.progress).copy(),
-        })
+        ckpt.save_checkpoint(self.run_dir, config=self.flat, model=self.model, optimizer=self.optimizer,
+                             order=self.order, progress=asdict(self.progress))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -266,13 +261,13 @@ class Run:
         return values
 
     def record_losses(self, values: list[float]) -> None:
-        """Log a segment's losses, update the running mean, and detect divergence."""
+        """Log a segment's losses, update the running mean, and note the step of a non-finite loss."""
         p = self.progress
         first = p.step - len(values) + 1
         self.monitor.train_losses(first, values, self.cfg.train.log_every)
         for i, value in enumerate(values):
             if not math.isfinite(value):
-                p.status, p.diverged_at_step = "diverged", first + i
+                p.diverged_at_step = first + i
                 log.warning("loss is %s at step %d: the run diverged (recorded, not an error)",
                             value, first + i)
                 return
@@ -286,8 +281,7 @@ class Run:
         test_loss, test_acc = evaluate(self.model, self.data.test_x, self.data.test_y)
         record = {"step": step, "val/loss": val_loss, "val/acc": val_acc,
                   "test/loss": test_loss, "test/acc": test_acc}
-        self.monitor.evaluation(step, {k: v for k, v in record.items() if k != "step"},
-                                self.optimizer.param_groups[0]["lr"])
+        self.monitor.evaluation(step, eval_metrics(record), self.optimizer.param_groups[0]["lr"])
         self.monitor.running_stats(step, self.model.norm_layers())
         self.monitor.activations(step, self.model, self.probe)
         p = self.progress
@@ -299,26 +293,25 @@ class Run:
 
     def fit(self) -> dict:
         """Train to cfg.train.steps (or divergence, or a signal); write and return summary.json."""
-        p, cfg = self.progress, self.cfg
-        is_eval, is_checkpoint, next_boundary = boundaries(cfg)
-        if p.status in ("completed", "diverged"):
-            log.info("%s already %s at step %d: nothing to do", self.run_dir, p.status, p.step)
+        p, t = self.progress, self.cfg.train
+        if run_status(p, t.steps) in ("completed", "diverged"):
+            log.info("%s already %s at step %d: nothing to do", self.run_dir, run_status(p, t.steps), p.step)
             self.monitor.close()
-            return self.summary()
+            return run_summary(p, self.cfg)
         wall_start = time.perf_counter() - p.wall_s
-        bar = ProgressBar(cfg.train.steps, p.step, self.progress_mode)
+        bar = ProgressBar(t.steps, p.step, self.progress_mode)
         self.model.train()
         with StopFlag() as stop:
             if p.step == 0 and not p.evals:
                 self._log_eval(self.evaluate_all(), bar)
-            while p.status == "running" and p.step < cfg.train.steps and stop.signum is None:
-                self.record_losses(self.run_segment(next_boundary(p.step), stop))
+            for end in segment_ends(p.step, t):
+                self.record_losses(self.run_segment(end, stop))
                 p.wall_s = time.perf_counter() - wall_start
-                if p.status == "diverged" or stop.signum is not None:
+                if p.diverged_at_step is not None or p.step < end:  # diverged, or a signal cut the segment
                     break
-                if is_eval(p.step):
+                if is_eval_point(end, t):
                     self._log_eval(self.evaluate_all(), bar)
-                if is_checkpoint(p.step) and p.step < cfg.train.steps:  # the last one is _finish's
+                if is_checkpoint_point(end, t) and end < t.steps:  # the last one is _finish's
                     p.wall_s = time.perf_counter() - wall_start
                     self._checkpoint()
                 # Let the event writer's thread finish this boundary's events here rather than
@@ -326,58 +319,37 @@ class Run:
                 # cores (a guard: alone it measured within noise; the activation histograms
                 # it was tried with were the real 23% -> ~6% logging cost, see monitor.py).
                 self.monitor.flush()
+                if stop.signum is not None:  # after the boundary's work: a resume starts from a whole boundary
+                    break
             bar.close()
             return self._finish(stop.signum, wall_start)
 
     def _finish(self, signum: int | None, wall_start: float) -> dict:
+        """Settle the run: its final checkpoint, model.pt and hparams unless interrupted, summary.json."""
         p = self.progress
-        if signum is not None and p.status == "running":
-            p.status = "interrupted"
-        elif p.status == "running":
-            p.status = "completed"
-        if p.status == "diverged" and p.evals[-1]["step"] != p.step:
+        status = run_status(p, self.cfg.train.steps)
+        if status == "diverged" and p.evals[-1]["step"] != p.step:
             self.evaluate_all()  # final metrics describe the model as divergence left it
         # An interrupted run is not evaluated here: an extra eval would change its history, and
         # the resumed run must end with the same numbers as one never interrupted.
         p.wall_s = time.perf_counter() - wall_start
         self._checkpoint()
-        summary = self.summary()
-        if p.status != "interrupted":
-            self.monitor.hparams(self.flat, summary_metrics(p.evals[-1]))
+        summary = run_summary(p, self.cfg)
+        if status != "interrupted":
+            self.monitor.hparams(self.flat, eval_metrics(p.evals[-1]))
             buffer = io.BytesIO()
             torch.save(self.model.state_dict(), buffer)
             atomic_write(self.run_dir / "model.pt", buffer.getvalue())
         self.monitor.close()
         write_json(self.run_dir / "summary.json", summary)
-        if p.status == "interrupted":
+        if status == "interrupted":
             raise RunInterrupted(signum, summary)
         return summary
-
-    def summary(self) -> dict:
-        p, last = self.progress, self.progress.evals[-1]
-        steps_done = p.diverged_at_step if p.status == "diverged" else p.step
-        return {
-            "status": p.status,
-            "norm": self.cfg.norm.name,
-            "seed": self.cfg.seed,
-            "steps_done": steps_done,
-            "diverged_at_step": p.diverged_at_step,
-            "final": {"train_loss": p.last_train_loss, "val_acc": last["val/acc"],
-                      "test_acc": last["test/acc"], "test_loss": last["test/loss"]},
-            "steps_to_test_acc": steps_to_test_acc(p.evals),
-            "wall_s": round(p.wall_s, 3),
-            "train_steps_per_s": round(p.step / p.train_s, 1) if p.train_s > 0 else None,
-            "config": self.flat,
-        }
 
     def _log_eval(self, record: dict, bar: ProgressBar) -> None:
         p = self.progress
         rate = p.step / p.train_s if p.train_s > 0 else float("nan")
         bar.update(p.step, p.last_train_loss, record["test/acc"], rate)
-
-
-def summary_metrics(record: dict) -> dict[str, float]:
-    return {k: v for k, v in record.items() if k != "step"}
 
 
 class ProgressBar:

@@ -7,6 +7,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bnexp.config import ConfigError
+from bnexp.data import DataError
 from bnexp.train import BatchOrder, evaluate, steps_to_test_acc, train
 from conftest import expected_scalar_tags, tiny_config
 
@@ -115,3 +117,18 @@ def test_tensorboard_off_writes_no_events_and_the_same_results(tiny_mnist, tmp_p
     assert list((tmp_path / "on").glob("events.out.tfevents.*"))
     assert not list((tmp_path / "off").glob("events.out.tfevents.*"))
     assert on["final"] == off["final"] and on["steps_to_test_acc"] == off["steps_to_test_acc"]
+
+
+@pytest.mark.parametrize("override,error,message", [
+    ("data.val_size=300", DataError, "data.val_size=300 is not allowed: an integer in [0, 300)"),
+    ("data.val_size=-1", DataError, "data.val_size=-1 is not allowed: an integer in [0, 300)"),
+    ("train.batch_size=251", ConfigError,
+     "train.batch_size=251 is not allowed: at most the training set size, 250 images"),
+])
+def test_limits_set_by_the_data_are_refused_before_training(tiny_mnist, tmp_path, override, error, message):
+    """val_size and batch_size are bounded by the training images in the files (300, 50 held out):
+    a value past them is refused in one line and the run dir stays empty."""
+    with pytest.raises(error) as err:
+        train(tiny_config(tiny_mnist, override), tmp_path / "run")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert list((tmp_path / "run").iterdir()) == []
