@@ -111,12 +111,6 @@ def test_norm_bogus_lists_the_available_options(tmp_path):
         assert option in result.stderr
 
 
-@pytest.mark.parametrize("preset", ["smoke", "ioffe2015", "convergence"])
-def test_every_experiment_preset_composes_and_names_itself(preset):
-    cfg = to_config(compose_config([f"experiment={preset}"]))
-    assert cfg.name == preset
-
-
 def test_ioffe2015_is_the_papers_setup():
     """§4.1: 3 x 100 sigmoid, batch 60, 50,000 steps, test accuracy every 500 steps."""
     cfg = to_config(compose_config(["experiment=ioffe2015"]))
