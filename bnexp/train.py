@@ -80,7 +80,7 @@ class BatchOrder:
 
 @dataclass
 class Progress:
-    """Everything about a run's history that a checkpoint must carry besides tensors."""
+    """Everything about a run's history besides tensors; a checkpoint carries it as a plain dict."""
 
     step: int = 0
     diverged_at_step: int | None = None  # the first step whose loss was not finite: the run's status follows
