@@ -20,10 +20,12 @@ import torch
 
 from bnexp.config import ConfigError
 
-# Mean multiply-adds per matmul (batch x fan_in x fan_out, averaged over the layers) from which
-# a second thread pays for itself on a shared machine: measured with
-# `python scripts/bench.py --sections threads` (the smallest shape from which 2 threads are at
-# least as fast as 1 beside a busy process). The default MLP at batch 60 does 1.5M: 1 thread.
+# Work per op (mean multiply-adds per matmul, work_per_op) from which `threads=auto` gives a run
+# more than one thread: where `python scripts/bench.py --sections threads` finds 2 threads keeping
+# up with 1 beside a busy process. Provisional: measured on a 2-core machine that other work kept
+# at load average 4-12, where 2 threads lost at 1.5M in every run (0.27-0.38x of 1 thread beside
+# the busy loop) and scattered around even from ~20M up (0.4-7x); the quiet-machine run of that
+# command pins it. The default MLP at batch 60 does 1.5M per op, far below either way: 1 thread.
 THREADS_CROSSOVER_MACS = 20_000_000
 MNIST_INPUTS, MNIST_CLASSES = 784, 10
 
