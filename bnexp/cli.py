@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from bnexp.checkpoint import CheckpointError
 from bnexp.config import ConfigError, to_config
 from bnexp.data import DataError
-from bnexp.runtime import available_cores, resolve_threads, set_threads
+from bnexp.runtime import available_cores, choose_threads, cores_per_job, set_threads, work_per_op
 from bnexp.train import RunInterrupted, train
 
 log = logging.getLogger("bnexp")
@@ -42,22 +42,26 @@ def resume_command(run_dir: Path) -> str:
     return shlex.join([sys.executable, sys.argv[0], *overrides, f"hydra.run.dir={run_dir}"])
 
 
-def threads_per_job() -> int | None:
-    """torch threads that `threads=auto` means under this job's launcher (None: all cores).
+def threads_per_job() -> tuple[int | None, str]:
+    """Cores this job's launcher leaves it (None: all this process may use), and why, for the log.
 
-    joblib runs n_jobs jobs at once on this machine: cores / n_jobs each. submitit gives a job
-    cpus_per_task cores, and its local launcher starts every job at once, so without
-    cpus_per_task a job takes 1 thread. The basic launcher runs jobs one after another.
+    joblib runs n_jobs jobs at once on this machine: they split the cores (cores_per_job).
+    submitit gives a job cpus_per_task cores, and its local launcher starts every job at once,
+    so without cpus_per_task a job takes 1. The basic launcher runs jobs one after another.
     """
     launcher = HydraConfig.get().launcher
     target = str(launcher.get("_target_", ""))
+    cores = available_cores()
     if "submitit" in target:
-        return launcher.get("cpus_per_task") or 1
+        cpus = launcher.get("cpus_per_task")
+        if cpus:
+            return cpus, f"submitit cpus_per_task={cpus}"
+        return 1, "submitit starts every job at once"
     if "joblib" in target:
         n = launcher.get("n_jobs", 1) or 1
-        jobs = available_cores() if n < 0 else n
-        return max(1, available_cores() // jobs)
-    return None
+        jobs = max(1, cores + 1 + n) if n < 0 else n  # joblib's rule: -1 = all cores, -2 = all but one
+        return cores_per_job(jobs, cores), f"joblib runs {jobs} jobs at once on {cores} cores"
+    return None, ""
 
 
 def in_multirun() -> bool:
@@ -70,8 +74,10 @@ def main(hydra_cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = to_config(hydra_cfg)
-        set_threads(resolve_threads(cfg.threads, threads_per_job()))
-        log.info("torch threads: %d", torch.get_num_threads())
+        choice = choose_threads(cfg.threads, work_per_op(cfg.model.widths, cfg.train.batch_size),
+                                *threads_per_job())
+        set_threads(choice.threads)
+        log.info("torch threads: %d (%s)", torch.get_num_threads(), choice.why)
         summary = train(cfg, run_dir, progress="quiet" if in_multirun() else "auto")
     except USER_ERRORS as exc:
         fail(str(exc))

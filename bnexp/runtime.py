@@ -1,12 +1,33 @@
-"""Where a run executes: the torch device and the number of CPU threads."""
+"""Where a run executes: the torch device and the number of CPU threads.
+
+Threads on a shared machine. Every matmul and large op of a training step is an OpenMP
+parallel region that ends only when each of its threads has done its part. When another
+process holds one of the cores, the thread waiting for it is descheduled and the region waits
+for a scheduler slice (milliseconds), dozens of times a step: beside one busy process a 2-thread
+run of the default MLP kept 19% of its speed, while one thread keeps its whole core. A second
+thread is worth that risk only when each op has enough work to share, so `threads=auto` takes
+one thread below a crossover of work per op measured by `scripts/bench.py --sections threads`,
+and this job's share of the cores above it. Jobs of a sweep that run at once split the cores
+between them (`cores_per_job`).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from bnexp.config import ConfigError
+
+# Work per op (mean multiply-adds per matmul, work_per_op) from which `threads=auto` gives a run
+# more than one thread: where `python scripts/bench.py --sections threads` finds 2 threads keeping
+# up with 1 beside a busy process. Provisional: measured on a 2-core machine that other work kept
+# at load average 4-12, where 2 threads lost at 1.5M in every run (0.27-0.38x of 1 thread beside
+# the busy loop) and scattered around even from ~20M up (0.4-7x); the quiet-machine run of that
+# command pins it. The default MLP at batch 60 does 1.5M per op, far below either way: 1 thread.
+THREADS_CROSSOVER_MACS = 20_000_000
+MNIST_INPUTS, MNIST_CLASSES = 784, 10
 
 
 def pick_device(device: str) -> torch.device:
@@ -27,12 +48,64 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_threads(threads: str, auto: int | None = None) -> int:
-    """torch threads for this job: an explicit integer, else `auto` (what the launcher allows;
-    None = every core this process may use)."""
+def cores_per_job(concurrent_jobs: int, cores: int | None = None) -> int:
+    """The sweep rule: jobs running at the same time split the cores, n_jobs x threads <= cores.
+
+    At least one each: with more jobs than cores the jobs oversubscribe, never their threads.
+    """
+    cores = available_cores() if cores is None else cores
+    return max(1, cores // max(1, concurrent_jobs))
+
+
+def work_per_op(widths: list[int], batch_size: int, inputs: int = MNIST_INPUTS,
+                classes: int = MNIST_CLASSES) -> int:
+    """Mean multiply-adds of one of the MLP's matmuls in a forward pass (batch x fan_in x fan_out).
+
+    What one parallel region has to share between threads; the backward's matmuls are the
+    same sizes transposed.
+    """
+    sizes = [inputs, *widths, classes]
+    macs = [batch_size * a * b for a, b in zip(sizes[:-1], sizes[1:])]
+    return sum(macs) // len(macs)
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many torch threads a job uses, and why (the `torch threads: N (why)` log line)."""
+
+    threads: int
+    why: str
+
+
+def choose_threads(threads: str, work: int, job_cores: int | None = None, launcher: str = "") -> ThreadChoice:
+    """torch threads for one job, and why.
+
+    threads: the config value, `auto` or an integer (used as given). work: work_per_op of the
+    job's model. job_cores: the cores its launcher leaves it (None: every core this process may
+    use), and `launcher` says why (e.g. "joblib runs 2 jobs at once on 2 cores").
+    """
+    share = available_cores() if job_cores is None else job_cores
+    cores = f"{share} core(s) per job: {launcher}" if launcher else f"{share} core(s) on this machine"
     if threads != "auto":
-        return int(threads)
-    return auto if auto is not None else available_cores()
+        n = int(threads)
+        over = f"; more than {cores}" if n > share else ""
+        return ThreadChoice(n, f"threads={n} as given{over}" + (f"; {wait_policy()}" if n > 1 else ""))
+    macs = f"{work / 1e6:.1f}M multiply-adds per op"
+    crossover = f"crossover {THREADS_CROSSOVER_MACS / 1e6:g}M"
+    if work < THREADS_CROSSOVER_MACS or share == 1:
+        below = f"{macs} < {crossover}" if work < THREADS_CROSSOVER_MACS else f"{macs} >= {crossover}"
+        return ThreadChoice(1, f"auto: 1, {below}; {cores}")
+    return ThreadChoice(share, f"auto: {share}, {macs} >= {crossover}; {cores}; {wait_policy()}")
+
+
+def wait_policy() -> str:
+    """How idle OpenMP threads wait, as this process's environment says (OpenMP reads it once,
+    when torch loads it; scripts/train.py chooses passive unless you set one)."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    if "GOMP_SPINCOUNT" in os.environ:
+        return f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+    return "OMP_WAIT_POLICY unset (threads spin before they sleep)"
 
 
 def set_threads(n: int) -> None:

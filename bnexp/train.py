@@ -15,7 +15,6 @@ import io
 import logging
 import math
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from bnexp.config import Config, ConfigError, TrainConfig, flatten, resolve_data
 from bnexp.data import MNIST, load_mnist
 from bnexp.model import MLP, init_weights
 from bnexp.monitor import make_monitor
+from bnexp.progress import ProgressBar
 from bnexp.runtime import pick_device
 
 log = logging.getLogger(__name__)
@@ -247,14 +247,17 @@ class Run:
         self.optimizer.step()
         return loss.detach()
 
-    def run_segment(self, end: int, stop: StopFlag) -> list[float]:
-        """Train from progress.step up to `end` (or until a signal); return the per-step losses."""
+    def run_segment(self, end: int, stop: StopFlag, tick=None) -> list[float]:
+        """Train from progress.step up to `end` (or until a signal); return the per-step losses.
+        tick(step), if given, is called after each step with the host's step count (no sync)."""
         losses = torch.empty(end - self.progress.step, device=self.device)
         done = 0
         start = time.perf_counter()
         while done < len(losses) and stop.signum is None:
             losses[done] = self.train_step(self.order.next())
             done += 1
+            if tick is not None:
+                tick(self.progress.step + done)
         values = losses[:done].tolist()  # note: the segment's one host sync
         self.progress.train_s += time.perf_counter() - start
         self.progress.step += done
@@ -305,7 +308,7 @@ class Run:
             if p.step == 0 and not p.evals:
                 self._log_eval(self.evaluate_all(), bar)
             for end in segment_ends(p.step, t):
-                self.record_losses(self.run_segment(end, stop))
+                self.record_losses(self.run_segment(end, stop, bar.tick))
                 p.wall_s = time.perf_counter() - wall_start
                 if p.diverged_at_step is not None or p.step < end:  # diverged, or a signal cut the segment
                     break
@@ -352,28 +355,6 @@ class Run:
         bar.update(p.step, p.last_train_loss, record["test/acc"], rate)
 
 
-class ProgressBar:
-    """A tqdm bar on a terminal; one plain log line per evaluation otherwise (sweeps, CI, files)."""
-
-    def __init__(self, total: int, initial: int, mode: str = "auto"):
-        self.total, self.quiet = total, mode == "quiet"
-        self.bar = None
-        if mode == "auto" and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, train_loss: float, test_acc: float, steps_per_s: float) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{test_acc:.4f}",
-                                 steps_s=f"{steps_per_s:.0f}")
-        elif not self.quiet:
-            log.info("step %d/%d  train_loss %.4f  test_acc %.4f  %.0f steps/s",
-                     step, self.total, train_loss, test_acc, steps_per_s)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def train(cfg: Config, run_dir: Path, progress: str = "auto") -> dict:

@@ -7,6 +7,7 @@ training loop vs a pytorch/examples-style DataLoader pipeline.
     python scripts/bench.py --no-compile                     # skip the torch.compile rows (seconds a shape)
     python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
     python scripts/bench.py --sections layer --steady-malloc # freed memory stays mapped: no page faults
+    python scripts/bench.py --sections threads load --repeats 3   # threads under load: quiet machine, ~15 min
 
 Each section is a function `bench_<name>(args) -> list of row dicts`, registered in
 SECTIONS; main() runs the sections asked for, prints one table per section and the
@@ -22,6 +23,16 @@ and the next allocation of that size touches fresh pages, ~1 us per 4 KB page: u
 large-shape step, native's as much as ours, and it varies with the order of earlier
 allocations (hence runs that differ by 2x). The layer rows count minor faults per call;
 --steady-malloc sets mallopt so freed memory stays mapped, which leaves only the compute.
+
+Threads under load (not in the default sections: they need a quiet machine and take minutes).
+`threads`: the MLP's training step at growing work per op, 1 vs 2 threads, alone and beside a
+CPU-bound competitor (a single-threaded Python busy loop), with passive and spinning OpenMP
+waits; it prints the smallest work from which 2 threads keep up with 1 beside the competitor,
+next to bnexp.runtime.THREADS_CROSSOVER_MACS (what `threads=auto` switches at). `load`: whole
+default runs through scripts/train.py (train_steps_per_s from summary.json) alone, beside the
+busy loop, and two started together, for threads=2 as before (spinning), 1, 2 and auto.
+Both are the 2-core case; on a bigger machine `taskset -c 0,1 python scripts/bench.py ...`
+gives them (and their busy loop) two cores.
 """
 from __future__ import annotations
 
@@ -31,7 +42,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +53,7 @@ from torch.utils import benchmark
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 from bnexp import compiled  # noqa: E402
 from bnexp.layers import BatchNorm1d  # noqa: E402
+from bnexp.runtime import available_cores, wait_policy  # noqa: E402
 
 LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)
 QUICK_SHAPES = [(8, 4), (32, 16)]
@@ -63,11 +77,13 @@ def machine_info(threads: int) -> dict:
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "cores_usable": available_cores(),  # this process's affinity (taskset, cgroups)
         "threads": threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "openmp_wait": wait_policy(),  # of this process; the threads and load sections set their own
     }
     return info
 
@@ -336,7 +352,210 @@ TRAINING_COLUMNS = [
 ]
 
 
-SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "training": (bench_training, TRAINING_COLUMNS)}
+# ----------------------------------------------------------------------------- threads under load
+#
+# Both sections need what one process cannot do to itself: another busy process beside it, and
+# an OpenMP wait policy, which OpenMP reads once when torch loads it. So they start processes:
+# the competitor is a single-threaded Python busy loop (one core's worth of CPU-bound work).
+
+CROSSOVER_SHAPES = [(60, 100), (60, 256), (1024, 100), (256, 256), (256, 512), (1024, 512), (1024, 1024)]
+QUICK_CROSSOVER_SHAPES = [(60, 100), (256, 256)]  # (batch, width of the 3 hidden layers)
+WAIT_POLICIES = {  # environment of a measured process: how torch's idle OpenMP threads wait
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # what scripts/train.py sets: threads sleep at once
+    "spin": {"GOMP_SPINCOUNT": "300000"},  # libgomp's own default (~3 ms of spinning), as before
+}
+
+
+@contextmanager
+def busy_loop(on: bool = True):
+    """The competitor: a single-threaded Python busy loop in a subprocess while the block runs."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if on else None
+    try:
+        yield
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+
+def policy_env(policy: str, base: dict | None = None) -> dict:
+    """This process's environment with one wait policy and nothing else that sets one."""
+    env = {k: v for k, v in (base or os.environ).items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    return {**env, **WAIT_POLICIES[policy]}
+
+
+def mlp_steps_per_s(batch: int, width: int, threads: int, min_time: float) -> float:
+    """Training steps/s of bnexp's MLP (3 hidden layers of `width`, norm=custom, SGD) on one fixed
+    random batch: the step's ops without the batch gathering, for at least min_time and 5 steps."""
+    import time
+
+    import torch.nn.functional as F
+
+    from bnexp.model import MLP
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    model = MLP([width] * 3, "sigmoid", "custom")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(batch, 784, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):  # warm-up: first-call allocations
+        step()
+    steps, start = 0, time.perf_counter()
+    while steps < 5 or time.perf_counter() - start < min_time:
+        step()
+        steps += 1
+    return steps / (time.perf_counter() - start)
+
+
+def crossover_worker(shapes, repeats: int, min_time: float) -> list[dict]:
+    """In the measured process: medians over interleaved repeats of 1 and 2 threads, per shape."""
+    rows = []
+    for batch, width in shapes:
+        runs = {1: [], 2: []}
+        for repeat in range(repeats):
+            for threads in ((1, 2) if repeat % 2 == 0 else (2, 1)):
+                runs[threads].append(mlp_steps_per_s(batch, width, threads, min_time))
+        rows.append({"t1": statistics.median(runs[1]), "t2": statistics.median(runs[2])})
+    return rows
+
+
+def crossover_process(shapes, policy: str, busy: bool, args) -> list[dict]:
+    """crossover_worker in a fresh process with this wait policy, beside a busy loop or not."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
+            "print(json.dumps(bench.crossover_worker(json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))))")
+    argv = [sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(shapes),
+            str(args.repeats), str(args.min_time)]
+    print(f"threads: {policy} wait, {'beside a busy loop' if busy else 'alone'} ...", file=sys.stderr, flush=True)
+    with busy_loop(busy):
+        out = subprocess.run(argv, env=policy_env(policy), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_threads(args) -> list[dict]:
+    """The crossover: steps/s of the MLP step at growing work per op with 1 and 2 threads,
+    alone and beside one busy loop, under both wait policies; and the smallest measured work
+    from which 2 threads keep up with 1 beside the busy loop (what `threads=auto` switches at)."""
+    from bnexp.runtime import THREADS_CROSSOVER_MACS, choose_threads, work_per_op
+
+    shapes = QUICK_CROSSOVER_SHAPES if args.quick else CROSSOVER_SHAPES
+    rows = []
+    for policy in WAIT_POLICIES:
+        idle = crossover_process(shapes, policy, False, args)
+        busy = crossover_process(shapes, policy, True, args)
+        for (batch, width), a, b in zip(shapes, idle, busy):
+            work = work_per_op([width] * 3, batch)
+            rows.append({"policy": policy, "shape": f"{batch} x {width}", "work_m": work / 1e6,
+                         "idle_1": a["t1"], "idle_2": a["t2"], "idle_gain": a["t2"] / a["t1"],
+                         "busy_1": b["t1"], "busy_2": b["t2"], "busy_gain": b["t2"] / b["t1"],
+                         "auto": choose_threads("auto", work, 2).threads})
+    passive = sorted((r for r in rows if r["policy"] == "passive"), key=lambda r: r["work_m"])
+    paying = [r["work_m"] for i, r in enumerate(passive) if all(s["busy_gain"] >= 1 for s in passive[i:])]
+    rows.append({"policy": "passive", "shape": "measured crossover", "work_m": paying[0] if paying else None})
+    rows.append({"policy": "passive", "shape": "bnexp.runtime crossover", "work_m": THREADS_CROSSOVER_MACS / 1e6})
+    return rows
+
+
+THREADS_COLUMNS = [
+    ("policy", "wait", "{}"),
+    ("shape", "batch x width", "{}"),
+    ("work_m", "M multiply-adds/op", "{:.1f}"),
+    ("idle_1", "alone 1t steps/s", "{:.1f}"),
+    ("idle_2", "alone 2t", "{:.1f}"),
+    ("idle_gain", "2t/1t alone", "{:.2f}"),
+    ("busy_1", "busy 1t", "{:.1f}"),
+    ("busy_2", "busy 2t", "{:.1f}"),
+    ("busy_gain", "2t/1t busy", "{:.2f}"),
+    ("auto", "auto on 2 cores", "{}"),
+]
+
+LOAD_SETTINGS = [  # (label, threads=..., wait policy)
+    ("2, spin (the old default)", "2", "spin"),
+    ("1", "1", "passive"),
+    ("2", "2", "passive"),
+    ("auto", "auto", "passive"),
+]
+
+
+def start_run(threads: str, policy: str, steps: int, run_dir: Path) -> subprocess.Popen:
+    """A default `scripts/train.py` run (without TensorBoard output) in its own process."""
+    script = Path(__file__).resolve().parent / "train.py"
+    overrides = [f"threads={threads}", f"train.steps={steps}", f"train.eval_every={steps}",
+                 f"train.checkpoint_every={steps}", "train.tensorboard=false", "device=cpu",
+                 f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen([sys.executable, str(script), *overrides], env=policy_env(policy),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def runs_together(threads: str, policy: str, steps: int, count: int, busy: bool) -> list[dict]:
+    """`count` default runs started at once (beside a busy loop or not): steps/s and threads of each."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, busy_loop(busy):
+        dirs = [Path(tmp) / f"run{i}" for i in range(count)]
+        procs = [start_run(threads, policy, steps, d) for d in dirs]
+        errors = [proc.communicate()[1] for proc in procs]  # all finish before any failure is raised
+        for proc, err in zip(procs, errors):
+            if proc.returncode != 0:
+                raise SystemExit(f"error: a load-section run failed ({proc.returncode}):\n{err}")
+        results = []
+        for d in dirs:
+            summary = json.loads((d / "summary.json").read_text())
+            line = next(s for s in (d / "train.log").read_text().splitlines() if "torch threads:" in s)
+            results.append({"steps_per_s": summary["train_steps_per_s"],
+                            "threads": line.split("torch threads:", 1)[1].strip()})
+        return results
+
+
+def bench_load(args) -> list[dict]:
+    """Default runs (scripts/train.py, 784-100-100-100-10, batch 60) alone, beside one busy loop,
+    and two started together, for each threads setting; medians over interleaved repeats.
+    A run's steps/s is summary.json's train_steps_per_s (evaluation excluded)."""
+    steps = args.load_steps or (60 if args.quick else 2000)
+    cells = {label: {"alone": [], "busy": [], "pair": []} for label, _, _ in LOAD_SETTINGS}
+    used = {}
+    for repeat in range(args.repeats):
+        order = LOAD_SETTINGS if repeat % 2 == 0 else LOAD_SETTINGS[::-1]
+        for label, threads, policy in order:  # alternating order: a drift in machine speed hits all alike
+            print(f"load: threads={label} (repeat {repeat + 1}) ...", file=sys.stderr, flush=True)
+            alone = runs_together(threads, policy, steps, 1, busy=False)[0]
+            used[label] = alone["threads"]
+            cells[label]["alone"].append(alone["steps_per_s"])
+            cells[label]["busy"].append(runs_together(threads, policy, steps, 1, busy=True)[0]["steps_per_s"])
+            pair = runs_together(threads, policy, steps, 2, busy=False)
+            cells[label]["pair"].append(statistics.mean(r["steps_per_s"] for r in pair))
+    before = statistics.median(cells[LOAD_SETTINGS[0][0]]["alone"])
+    rows = []
+    for label, _, policy in LOAD_SETTINGS:
+        med = {k: statistics.median(v) for k, v in cells[label].items()}
+        rows.append({"threads": label, "wait": policy, "alone": med["alone"], "vs_before": med["alone"] / before,
+                     "busy": med["busy"], "busy_kept": med["busy"] / med["alone"],
+                     "pair": med["pair"], "pair_kept": med["pair"] / med["alone"],
+                     "steps": steps, "log": used[label]})
+    return rows
+
+
+LOAD_COLUMNS = [
+    ("threads", "threads", "{}"),
+    ("wait", "wait", "{}"),
+    ("alone", "alone steps/s", "{:.0f}"),
+    ("vs_before", "vs old default", "{:.2f}"),
+    ("busy", "beside a busy loop", "{:.0f}"),
+    ("busy_kept", "kept", "{:.0%}"),
+    ("pair", "two together, each", "{:.0f}"),
+    ("pair_kept", "kept", "{:.0%}"),
+    ("log", "torch threads: (the run's log)", "{}"),
+]
+
+
+SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "training": (bench_training, TRAINING_COLUMNS),
+            "threads": (bench_threads, THREADS_COLUMNS), "load": (bench_load, LOAD_COLUMNS)}
 
 
 # ----------------------------------------------------------------------------- output
@@ -347,7 +566,7 @@ def format_table(rows: list[dict], columns) -> str:
     columns = [c for c in columns if any(c[0] in row for row in rows)]
     cells = [[title for _, title, _ in columns]]
     for row in rows:
-        cells.append([fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns])
+        cells.append([fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -367,6 +586,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=["training", "layer"])
     parser.add_argument("--steady-malloc", action="store_true",
                         help="keep freed memory mapped (glibc mallopt): times without page faults")
+    parser.add_argument("--load-steps", type=int, default=None,
+                        help="training steps of each run in the load section (default 2000; quick 60)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.repeats is None:
@@ -378,6 +599,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads < 1 or args.repeats < 1 or args.min_time <= 0:
         parser.error(f"--threads and --repeats must be >= 1 and --min-time > 0 "
                      f"(got {args.threads}, {args.repeats}, {args.min_time})")
+    if args.load_steps is not None and args.load_steps < 1:
+        parser.error(f"--load-steps must be >= 1 (got {args.load_steps})")
     return args
 
 

@@ -9,10 +9,18 @@
 Configs: conf/ (see conf/config.yaml for every knob). Code: bnexp/cli.py -> bnexp/train.py.
 """
 
-import hydra
+import os
 
-from bnexp import cli
-from bnexp.config import register_configs
+# torch's OpenMP threads spin while they wait for work; beside another busy process that spinning
+# takes the core the descheduled partner thread needs (scripts/bench.py --sections threads). Only
+# read when torch loads OpenMP, so it is chosen here, before any import of torch. Yours wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import hydra  # noqa: E402
+
+from bnexp import cli  # noqa: E402
+from bnexp.config import register_configs  # noqa: E402
 
 register_configs()
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
@@ -56,3 +58,47 @@ def test_bench_rejects_bad_arguments():
     )
     assert result.returncode == 2
     assert "--threads and --repeats must be >= 1" in result.stderr
+
+
+@pytest.mark.slow  # ~25 s on a quiet machine: four processes, two of them beside a busy loop
+def test_bench_threads_section_compares_one_and_two_threads(tmp_path):
+    """--sections threads: per wait policy and shape, 1 and 2 threads alone and beside a busy
+    loop, each in a process of its own; the measured and the configured crossover."""
+    out = tmp_path / "threads.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--sections", "threads", "--repeats", "1",
+         "--min-time", "0.01", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert set(data) == {"machine", "threads"} and data["machine"]["cores"] >= 1
+    measured = [row for row in data["threads"] if "idle_1" in row]
+    assert [(row["policy"], row["shape"]) for row in measured] == [
+        ("passive", "60 x 100"), ("passive", "256 x 256"), ("spin", "60 x 100"), ("spin", "256 x 256")]
+    for row in measured:
+        assert min(row["idle_1"], row["idle_2"], row["busy_1"], row["busy_2"]) > 0
+    assert measured[0]["work_m"] == 1.491 and measured[0]["auto"] == 1
+    summary = {row["shape"]: row for row in data["threads"] if "idle_1" not in row}
+    assert set(summary) == {"measured crossover", "bnexp.runtime crossover"}
+    assert "2t/1t busy" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_load_section_runs_default_runs(tmp_path):
+    """--sections load on the real MNIST: every threads setting alone, beside a busy loop and in a
+    pair, through scripts/train.py; auto resolves to 1 thread for the default MLP."""
+    out = tmp_path / "load.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--sections", "load", "--repeats", "1",
+         "--load-steps", "20", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {row["threads"]: row for row in json.loads(out.read_text())["load"]}
+    assert list(rows) == ["2, spin (the old default)", "1", "2", "auto"]
+    for row in rows.values():
+        assert min(row["alone"], row["busy"], row["pair"]) > 0 and row["steps"] == 20
+    assert rows["auto"]["log"].startswith("1 (auto: 1, 1.5M multiply-adds per op < crossover")
+    assert rows["2"]["log"] == "2 (threads=2 as given; OMP_WAIT_POLICY=PASSIVE)"
+    assert rows["2, spin (the old default)"]["log"] == "2 (threads=2 as given; GOMP_SPINCOUNT=300000)"

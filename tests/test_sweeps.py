@@ -16,10 +16,13 @@ def summaries(sweep_dir):
     return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
 
 
-@pytest.mark.parametrize("launcher,threads", [("joblib", 1), ("submitit_local", 1)])
-def test_two_job_sweep_with_each_launcher(tiny_mnist, tmp_path, launcher, threads):
+@pytest.mark.parametrize("launcher,threads,why", [
+    ("joblib", 1, "per job: joblib runs 2 jobs at once on"),
+    ("submitit_local", 1, "per job: submitit starts every job at once"),
+])
+def test_two_job_sweep_with_each_launcher(tiny_mnist, tmp_path, launcher, threads, why):
     """Both jobs run and write summary.json; dirs are named by override_dirname; threads=auto
-    gives each job its share of the cores; one 'done' line per job in the sweep's output."""
+    gives each job its share of the cores and its log says why; one 'done' line per job."""
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     result = run_script("-m", *SWEEP, f"data.root={tiny_mnist}", "seed=0,1", f"hydra/launcher={launcher}",
@@ -34,7 +37,7 @@ def test_two_job_sweep_with_each_launcher(tiny_mnist, tmp_path, launcher, thread
         assert f",seed={summary['seed']},threads=auto," in name and "data.root" not in name
         assert summary["config"]["threads"] == "auto"
         log_text = (sweep / name / "train.log").read_text()
-        assert f"torch threads: {threads}" in log_text
+        assert f"torch threads: {threads} (auto: 1," in log_text and why in log_text
     if launcher == "joblib":  # submitit writes job output to .submitit/<id>/ logs instead
         assert (result.stdout + result.stderr).count("done completed: norm=custom") == 2
     else:
