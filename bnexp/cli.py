@@ -18,9 +18,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from bnexp.checkpoint import CheckpointError
+from bnexp.cluster import in_submitit_job, requeue_with_submitit
 from bnexp.config import ConfigError, to_config
 from bnexp.data import DataError
-from bnexp.runtime import available_cores, choose_threads, cores_per_job, set_threads, work_per_op
+from bnexp.runtime import available_cores, choose_threads, cores_per_job, pick_device, set_threads, work_per_op
 from bnexp.train import RunInterrupted, train
 
 log = logging.getLogger("bnexp")
@@ -78,12 +79,19 @@ def main(hydra_cfg: DictConfig) -> float:
                                 *threads_per_job())
         set_threads(choice.threads)
         log.info("torch threads: %d (%s)", torch.get_num_threads(), choice.why)
+        log.info("device: %s (CUDA_VISIBLE_DEVICES=%s)", pick_device(cfg.device),
+                 os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))  # what a cluster job was given
         summary = train(cfg, run_dir, progress="quiet" if in_multirun() else "auto")
     except USER_ERRORS as exc:
         fail(str(exc))
     except RunInterrupted as stop:
-        print(f"interrupted at step {stop.summary['steps_done']}; checkpoint saved. Resume with:\n"
-              f"  {resume_command(run_dir)}", file=sys.stderr)
+        print(f"interrupted at step {stop.summary['steps_done']}; checkpoint saved.", file=sys.stderr)
+        if in_submitit_job():
+            requeue_with_submitit(stop.signum)  # near its time limit: resubmitted, exits here
+            print("The job resumes from it when it restarts (SLURM requeue) or the sweep runs again "
+                  "with the same hydra.sweep.dir.", file=sys.stderr)
+        else:
+            print(f"Resume with:\n  {resume_command(run_dir)}", file=sys.stderr)
         sys.exit(128 + stop.signum)
     report_job(summary)
     val_acc = summary["final"]["val_acc"]

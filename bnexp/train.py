@@ -40,7 +40,7 @@ PROBE_SIZE = 1000  # test images whose pre-activations give the act/ percentiles
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the run after it saved a checkpoint and summary.json."""
+    """A stop signal (StopFlag.SIGNALS) ended the run after it saved a checkpoint and summary.json."""
 
     def __init__(self, signum: int, summary: dict):
         super().__init__(f"interrupted by signal {signum}")
@@ -93,7 +93,13 @@ class Progress:
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop polls once per step (a Python bool: no cost)."""
+    """Turns stop signals into a flag the loop polls once per step (a Python bool: no cost).
+
+    SIGINT is Ctrl-C; SIGTERM is kill and how SLURM preempts, requeues or cancels a job;
+    SIGUSR2 is what submitit's SLURM jobs get before their time limit (bnexp/cluster.py).
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
 
     def __init__(self):
         self.signum: int | None = None
@@ -101,7 +107,7 @@ class StopFlag:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -92,9 +92,9 @@ def test_sigkill_at_a_random_moment_then_resume_is_bitwise_identical(reference, 
     assert_same_outcome(reference / "run", run_dir)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR2, 140)])
 def test_sigint_and_sigterm_checkpoint_and_print_the_resume_command(reference, tmp_path, sig, code):
-    """Ctrl-C / SIGTERM: checkpoint, status interrupted, the exact resume command, exit 128+n."""
+    """Ctrl-C / SIGTERM / SIGUSR2: checkpoint, status interrupted, the exact resume command, exit 128+n."""
     run_dir = tmp_path / "run"
     proc = start(run_dir, reference / "data")
     wait_for_checkpoint(run_dir, proc)

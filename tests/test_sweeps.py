@@ -59,11 +59,30 @@ def test_optuna_lr_search_reports_its_best_lr(tiny_mnist, tmp_path):
     assert best["best_value"] == pytest.approx(top["final"]["val_acc"])
 
 
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_sweep_from_a_dir_holding_a_bnexp_folder(tiny_mnist, tmp_path, launcher):
+    """A sweep started where a package named bnexp would shadow ours: submitit starts jobs with
+    `python -m`, which puts the working directory first on sys.path; the jobs must not see it.
+    (SLURM: tests/test_slurm.py.)"""
+    workdir = tmp_path / "work"
+    (workdir / "bnexp").mkdir(parents=True)
+    (workdir / "bnexp" / "__init__.py").write_text('raise ImportError("the working directory\'s bnexp")\n')
+    sweep = tmp_path / "sweep"
+    result = run_script("-m", *SWEEP, f"data.root={tiny_mnist}", "seed=0,1", f"hydra/launcher={launcher}",
+                        f"hydra.sweep.dir={sweep}", cwd=workdir, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert sorted(s["status"] for s in summaries(sweep).values()) == ["completed", "completed"]
+
+
 def test_slurm_launcher_config_composes():
-    """hydra/launcher=slurm is a ready submitit_slurm config (SLURM itself is not testable here)."""
+    """hydra/launcher=slurm is a ready submitit_slurm config: requeue at the time limit on, a
+    signal delay that fits a one-minute limit, and a GPU request when asked (jobs: test_slurm.py)."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=1"],
+                      return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.cpus_per_task == 2 and launcher.gpus_per_node == 0 and launcher.timeout_min == 60
+    assert launcher.cpus_per_task == 2 and launcher.gpus_per_node == 1 and launcher.timeout_min == 60
+    assert launcher.max_num_timeout == 3 and launcher.signal_delay_s == 10
+    assert cfg.hydra.callbacks.launch_setup._target_ == "bnexp.cluster.LaunchSetup"
