@@ -343,7 +343,7 @@ class Run:
         self._checkpoint()
         summary = self.summary()
         if p.status != "interrupted":
-            self.monitor.hparams(self.flat, summary_metrics(p.evals[-1]))
+            self.monitor.run_end(summary)  # steps to 95% and the HParams entry
             buffer = io.BytesIO()
             torch.save(self.model.state_dict(), buffer)
             atomic_write(self.run_dir / "model.pt", buffer.getvalue())
@@ -374,10 +374,6 @@ class Run:
         p = self.progress
         rate = p.step / p.train_s if p.train_s > 0 else float("nan")
         bar.update(p.step, p.last_train_loss, record["test/acc"], rate)
-
-
-def summary_metrics(record: dict) -> dict[str, float]:
-    return {k: v for k, v in record.items() if k != "step"}
 
 
 class ProgressBar:
