@@ -7,7 +7,9 @@ event files (see design.md for both contracts). This module reads them all, grou
 - report.md: per-group steps to 90/95/97% test accuracy (mean +- std and how many seeds got
   there), final test accuracy, the speed-up of custom/native over none, custom-vs-native
   agreement and a conclusion written from those numbers;
-- test_acc.png, activations.png (Ioffe 2015 Fig. 1b,c), steps_to_target.png.
+- test_acc.png, activations.png (Ioffe 2015 Fig. 1b,c), steps_to_target.png;
+- runs.csv and curves.csv (bnexp/export.py) and aggregates/, one TensorBoard run per config
+  with its mean and spread over seeds (bnexp/aggregate.py).
 
 Runs that diverged or were interrupted are counted and shown, never dropped.
 """
@@ -21,6 +23,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # Figure + savefig renders with Agg; no pyplot global state
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bnexp.aggregate import MARKER as AGGREGATE_MARKER
+from bnexp.aggregate import write_aggregates
+from bnexp.export import write_exports
 
 NORM_ORDER = ("none", "custom", "native")  # the baseline first, then the two BN variants
 THRESHOLDS = (0.90, 0.95, 0.97)  # test accuracies the table always shows
@@ -129,7 +135,7 @@ def dirs_without_summary(sweep_dir) -> list[Path]:
     for d in sorted(p for p in root.rglob("*") if p.is_dir()):
         hidden = any(part.startswith(".") for part in d.relative_to(root).parts)
         inside_run = any(parent in done for parent in d.parents)  # e.g. a nested hparams run
-        if hidden or inside_run or d in done:
+        if hidden or inside_run or d in done or (d / AGGREGATE_MARKER).exists():  # the report's own aggregates
             continue
         if (d / ".hydra").is_dir() or (d / "checkpoint.pt").exists() or any(d.glob("events.out.tfevents.*")):
             found.append(d)
@@ -732,4 +738,6 @@ def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = ""
     figures = write_figures(runs, summary, out, prefix)
     report = out / f"{prefix}report.md"
     report.write_text(render_markdown(summary, root, figures))
+    write_exports(runs, root, out, prefix)  # runs.csv, curves.csv (bnexp/export.py)
+    write_aggregates(runs, root, out, prefix)  # seed aggregates for TensorBoard (bnexp/aggregate.py)
     return report, [out / name for name in figures]
