@@ -14,6 +14,7 @@ conf/config.yaml builds `hydra.run.dir` from it through the `bnexp.run_name` res
 from __future__ import annotations
 
 import hashlib
+import re
 
 MAX_OVERRIDES_CHARS = 200  # a dir name may have 255 bytes; the stamp takes 26
 PATH_KEYS = ("data.root",)  # paths say where, not what; a `/` in a value would also nest dirs
@@ -46,3 +47,19 @@ def run_name(stamp: str, overrides) -> str:
         digest = hashlib.sha1(text.encode()).hexdigest()[:8]
         text = f"{text[:MAX_OVERRIDES_CHARS - 10]}..{digest}"
     return f"{stamp}_{text}"
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as an override's right-hand side that Hydra reads back unchanged.
+
+    A run dir named like `..._norm=none,optim.lr=0.1` is no plain override value (`=` and `,`
+    mean something to Hydra's grammar), so it is quoted; plain paths stay as they are.
+    """
+    if re.fullmatch(r"[\w./-]+", value):
+        return value
+    quote = '"' if '"' not in value else "'"
+    # Hydra's quoted strings: a quote is escaped by a backslash, and backslashes right before a
+    # quote (or before the closing one) are doubled
+    escaped = re.sub(r"(\\*)(" + quote + r"|$)", lambda m: m.group(1) * 2 + ("\\" + quote if m.group(2) else ""),
+                     value)
+    return f"{quote}{escaped}{quote}"
