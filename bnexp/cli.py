@@ -21,6 +21,7 @@ from bnexp.checkpoint import CheckpointError
 from bnexp.cluster import in_submitit_job, requeue_with_submitit
 from bnexp.config import ConfigError, to_config
 from bnexp.data import DataError
+from bnexp.run_name import hydra_quoted
 from bnexp.runtime import available_cores, choose_threads, cores_per_job, pick_device, set_threads, work_per_op
 from bnexp.train import RunInterrupted, train
 
@@ -40,7 +41,7 @@ def fail(message: str, code: int = 2) -> None:
 def resume_command(run_dir: Path) -> str:
     """The command line that continues this run: the same overrides, the same run dir."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
-    return shlex.join([sys.executable, sys.argv[0], *overrides, f"hydra.run.dir={run_dir}"])
+    return shlex.join([sys.executable, sys.argv[0], *overrides, f"hydra.run.dir={hydra_quoted(str(run_dir))}"])
 
 
 def threads_per_job() -> tuple[int | None, str]:

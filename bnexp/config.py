@@ -91,7 +91,7 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore and the `bnexp.root` resolver.
+    """Register the schemas with Hydra's ConfigStore and the `bnexp.root`, `bnexp.run_name` resolvers.
 
     conf/config.yaml names `bnexp_schema` first in its defaults list; conf/optim/*.yaml name
     `sgd_schema` / `adam_schema`. Safe to call more than once.
@@ -105,6 +105,9 @@ def register_configs() -> None:
     cs.store(group="optim", name="adam_schema", node=AdamConfig)
     if not OmegaConf.has_resolver("bnexp.root"):
         OmegaConf.register_new_resolver("bnexp.root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("bnexp.run_name"):
+        from bnexp.run_name import run_name  # hydra.run.dir: <stamp>_<overrides> (bnexp/run_name.py)
+        OmegaConf.register_new_resolver("bnexp.run_name", run_name)
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -1,21 +1,28 @@
 """Everything a run writes to TensorBoard, through one writer whose events live in the run dir.
 
-Tags (fixed, see ../shared/design.md): `train/loss`, `val/loss`, `val/acc`, `test/loss`,
-`test/acc`, `lr`, `bn/<layer>/running_mean`, `bn/<layer>/running_var` (histogram + mean as a
-scalar), `act/<layer>/p15|p50|p85` (the input to the nonlinearity), and hparams in the same run.
+Tags (bnexp/tags.py names them and says what each shows): `train/loss`, `val/loss`, `val/acc`,
+`test/loss`, `test/acc`, `lr`; per BN layer the histograms `bn/<layer>/running_mean|running_var`
+and the scalars `bn/<layer>/running_mean_avg|running_var_avg` (one tag, one kind);
+`act/<layer>/p15|p50|p85` (the input to the nonlinearity); at the end `summary/steps_to_0.95`
+and the run's HParams entry (bnexp/hparams.py), in the same run.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.histogram import metadata as histogram_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
+from torch.utils.tensorboard.summary import histogram
 
-PERCENTILES = (15, 50, 85)
-HPARAM_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss")
+from bnexp.hparams import hparams_summaries
+from bnexp.tags import (BN_STATS, PERCENTILES, STEPS_TAG, STEPS_TARGET, act_tag, bn_histogram_tag,
+                        bn_scalar_tag, describe)
 
 
 class Monitor:
@@ -28,6 +35,20 @@ class Monitor:
 
     def __init__(self, run_dir: Path, purge_step: int | None = None):
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self.described: set[str] = set()  # tags whose first event (with the description) is written
+
+    def _write(self, summary: Summary, step: int, plugin) -> None:
+        """Give the tag's first event in this process its plugin and description (TensorBoard
+        reads them there); `plugin` is the scalar or histogram plugin's metadata module."""
+        value = summary.value[0]
+        if value.tag not in self.described:
+            self.described.add(value.tag)
+            value.metadata.CopyFrom(plugin.create_summary_metadata(value.tag, describe(value.tag)))
+        self.writer.file_writer.add_summary(summary, step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """One scalar event (what add_scalar writes, plus the description on the first one)."""
+        self._write(Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]), step, scalar_metadata)
 
     def train_losses(self, first_step: int, values: list[float], every: int) -> None:
         """Write a segment's per-step losses in bulk: values[i] belongs to step first_step + i.
@@ -38,24 +59,25 @@ class Monitor:
         for i, value in enumerate(values):
             step = first_step + i
             if step % every == 0:
-                self.writer.add_scalar("train/loss", value, step)
+                self.scalar("train/loss", value, step)
 
     def evaluation(self, step: int, metrics: dict[str, float], lr: float) -> None:
         """val/test loss and accuracy, and the learning rate."""
         for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.add_scalar("lr", lr, step)
+            self.scalar(tag, value, step)
+        self.scalar("lr", lr, step)
 
     def running_stats(self, step: int, norms: dict[str, torch.nn.Module]) -> None:
-        """Each BN layer's running mean and variance: the whole vector as a histogram, its mean as a scalar."""
+        """Each BN layer's running mean and variance: every feature as a histogram, their average
+        as a scalar under a tag of its own (one tag, one kind: bnexp/tags.py)."""
         for name, norm in norms.items():
-            for stat in ("running_mean", "running_var"):
+            for stat in BN_STATS:
                 buf = getattr(norm, stat, None)
                 if buf is None:
                     continue
                 values = buf.detach().float().cpu()
-                self._histogram(f"bn/{name}/{stat}", values, step)
-                self.writer.add_scalar(f"bn/{name}/{stat}", values.mean().item(), step)
+                self._histogram(bn_histogram_tag(name, stat), values, step)
+                self.scalar(bn_scalar_tag(name, stat), values.mean().item(), step)
 
     @torch.no_grad()
     def activations(self, step: int, model: torch.nn.Module, probe: torch.Tensor) -> None:
@@ -71,7 +93,7 @@ class Monitor:
             z = z.detach().float().flatten().cpu()
             values = torch.nanquantile(z, q)  # a diverged net has NaNs: percentiles of what is left
             for p, v in zip(PERCENTILES, values.tolist()):
-                self.writer.add_scalar(f"act/layer{k}/p{p}", v, step)
+                self.scalar(act_tag(f"layer{k}", p), v, step)
 
     def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         """A histogram of the finite values (TensorBoard rejects NaN/inf); none if nothing is finite."""
@@ -80,19 +102,18 @@ class Monitor:
             # TensorBoard's default buckets end at +-1e20; a diverging net goes past that,
             # and float32 bin arithmetic overflows near 1e38: float64 with 64 plain bins then
             huge = finite.abs().max() >= 1e20
-            self.writer.add_histogram(tag, finite.double() if huge else finite, step,
-                                      bins=64 if huge else "tensorflow")
+            bins = 64 if huge else self.writer.default_bins  # default_bins: add_histogram's "tensorflow"
+            self._write(histogram(tag, finite.double() if huge else finite, bins), step, histogram_metadata)
 
-    def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
-        """The flattened config as hparams of this run (not a nested run, as add_hparams would make).
-
-        The metrics named are the run's own `test/acc` ... scalars, which the HParams tab reads.
-        """
-        values = {k: v for k, v in config.items() if isinstance(v, (bool, int, float, str))}
-        values.update({k: str(v) for k, v in config.items() if v is None})
-        exp, ssi, sei = hparams(values, {k: metrics.get(k, float("nan")) for k in HPARAM_METRICS})
-        for summary in (exp, ssi, sei):
-            self.writer.file_writer.add_summary(summary)
+    def run_end(self, summary: dict[str, Any]) -> None:
+        """At the end of a completed or diverged run: steps to STEPS_TARGET as a scalar (NaN when
+        never reached) and the run's HParams entry, whose metrics are its last test/acc, val/acc,
+        steps to the target, test/loss, val/loss (bnexp/hparams.py)."""
+        reached = summary["steps_to_test_acc"].get(f"{STEPS_TARGET:.2f}")
+        step = summary["steps_done"] if summary["steps_done"] is not None else 0
+        self.scalar(STEPS_TAG, math.nan if reached is None else reached, step)
+        for part in hparams_summaries(summary["config"], summary["status"], summary["wall_s"]):
+            self.writer.file_writer.add_summary(part)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bnexp.aggregate import write_aggregates
+from bnexp.export import write_exports
 from bnexp.figures import write_figures
 from bnexp.stats import (AGREE_ACC_TOL, AGREE_LOSS_TOL, N_LOSS_COMPARE, AccStats, Agreement, Group,
                          StepStats, SweepStats, summarize)
@@ -31,6 +33,8 @@ def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = ""
     figures = write_figures(runs, stats, out, prefix)
     report = out / f"{prefix}report.md"
     report.write_text(render_markdown(stats, root, figures))
+    write_exports(runs, root, out, prefix)  # runs.csv, curves.csv (bnexp/export.py)
+    write_aggregates(runs, root, out, prefix)  # seed aggregates for TensorBoard (bnexp/aggregate.py)
     return report, [out / name for name in figures]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bnexp.aggregate import MARKER as AGGREGATE_MARKER
+
 STATUSES = ("completed", "diverged", "interrupted")
 REQUIRED_KEYS = ("status", "norm", "seed", "steps_done", "final", "steps_to_test_acc", "config")
 REQUIRED_CONFIG_KEYS = ("optim.lr", "train.steps")
@@ -115,7 +117,7 @@ def dirs_without_summary(sweep_dir) -> list[Path]:
     for d in sorted(p for p in root.rglob("*") if p.is_dir()):
         hidden = any(part.startswith(".") for part in d.relative_to(root).parts)
         inside_run = any(parent in done for parent in d.parents)  # e.g. a nested hparams run
-        if hidden or inside_run or d in done:
+        if hidden or inside_run or d in done or (d / AGGREGATE_MARKER).exists():  # the report's own aggregates
             continue
         if (d / ".hydra").is_dir() or (d / "checkpoint.pt").exists() or any(d.glob("events.out.tfevents.*")):
             found.append(d)

@@ -345,7 +345,7 @@ class Run:
         self._checkpoint()
         summary = run_summary(p, self.cfg)
         if status != "interrupted":
-            self.monitor.hparams(self.flat, eval_metrics(p.evals[-1]))
+            self.monitor.run_end(summary)  # steps to 95% and the HParams entry
             buffer = io.BytesIO()
             torch.save(self.model.state_dict(), buffer)
             atomic_write(self.run_dir / "model.pt", buffer.getvalue())

@@ -1,4 +1,7 @@
-"""Turn a sweep dir into report.md and figures (written into the sweep dir itself, or --out).
+"""Turn a sweep dir into report.md, figures, CSV tables and TensorBoard runs of seed aggregates.
+
+Everything goes into the sweep dir itself (or --out): report.md, *.png, runs.csv, curves.csv,
+and aggregates/<config>/, one TensorBoard run per config with its mean and spread over seeds.
 
     python scripts/report.py outputs/multirun/convergence/<stamp>
     python scripts/report.py outputs/multirun/convergence/<stamp> --target 0.97
@@ -9,6 +12,7 @@ Tiny CPU recipe: run a smoke sweep first (see README), then point this at its sw
 import argparse
 import sys
 
+from bnexp.aggregate import aggregates_dir
 from bnexp.report import write_report
 from bnexp.sweep import ReportError
 
@@ -28,6 +32,9 @@ def main(argv=None) -> int:
     print(f"report:  {report}")
     for fig in figures:
         print(f"figure:  {fig}")
+    out, prefix = report.parent, args.prefix
+    print(f"tables:  {out / f'{prefix}runs.csv'}, {out / f'{prefix}curves.csv'}")
+    print(f"tensorboard: {aggregates_dir(out, prefix)} (seeds aggregated; tensorboard --logdir {out})")
     return 0
 
 

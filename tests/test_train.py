@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bnexp.config import ConfigError
 from bnexp.data import DataError
 from bnexp.train import BatchOrder, evaluate, steps_to_test_acc, train
-from conftest import expected_scalar_tags, tiny_config
+from conftest import expected_histogram_tags, expected_scalar_tags, tiny_config
 
 
 def read_scalars(run_dir):
@@ -37,14 +37,13 @@ def test_summary_has_every_field_of_the_design(tiny_mnist, tmp_path):
 
 @pytest.mark.parametrize("norm", ["none", "custom", "native"])
 def test_every_tensorboard_tag_is_written(tiny_mnist, tmp_path, norm):
-    """The design's tags, at the right steps; BN tags only for BN variants."""
+    """The design's tags, at the right steps; BN tags only for BN variants; one tag, one kind."""
     train(tiny_config(tiny_mnist, f"norm={norm}"), tmp_path)
     acc = read_scalars(tmp_path)
-    scalars = set(acc.Tags()["scalars"])
-    bn = expected_scalar_tags(2, "custom") - expected_scalar_tags(2, "none")
+    scalars, histograms = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
     assert scalars == expected_scalar_tags(2, norm)  # BN tags exactly when there is BN
-    if norm != "none":
-        assert bn <= set(acc.Tags()["histograms"])
+    assert histograms == expected_histogram_tags(2, norm)
+    assert not scalars & histograms  # TensorBoard shows a tag of two kinds in neither tab
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 61))
     assert [e.step for e in acc.Scalars("test/acc")] == [0, 20, 40, 60]
     p15, p50, p85 = (acc.Scalars(f"act/layer2/p{p}")[-1].value for p in (15, 50, 85))

@@ -1,0 +1,77 @@
+"""TensorBoard tag names and their one-line descriptions: what each chart is and how to read it.
+
+One tag, one kind: TensorBoard keeps a single plugin per tag, so a tag written both as a
+histogram and as a scalar vanishes from one tab (and, with the default Rust loader, from both).
+The running statistics are therefore histograms under `bn/layerK/running_mean|running_var` and
+scalars under `bn/layerK/running_mean_avg|running_var_avg`.
+
+The descriptions travel in each tag's first event (SummaryMetadata.summary_description).
+TensorBoard 2.21 shows them beside the chart with `--load_fast=false`; its default loader drops them.
+"""
+
+from __future__ import annotations
+
+import re
+
+STEPS_TARGET = 0.95  # the test accuracy whose step count is logged as a scalar and an HParams metric
+STEPS_TAG = f"summary/steps_to_{STEPS_TARGET:.2f}"
+EVAL_TAGS = ("val/loss", "val/acc", "test/loss", "test/acc")
+BN_STATS = ("running_mean", "running_var")
+PERCENTILES = (15, 50, 85)
+
+
+def bn_histogram_tag(layer: str, stat: str) -> str:
+    """Every feature's running statistic: Histograms and Distributions tabs."""
+    return f"bn/{layer}/{stat}"
+
+
+def bn_scalar_tag(layer: str, stat: str) -> str:
+    """The same statistic averaged over features: Scalars tab (a tag of its own, see the module doc)."""
+    return f"bn/{layer}/{stat}_avg"
+
+
+def act_tag(layer: str, percentile: int) -> str:
+    return f"act/{layer}/p{percentile}"
+
+
+_EVAL = "every train.eval_every steps, in eval mode (BN uses its running statistics)"
+_FIXED = {
+    "train/loss": "Cross-entropy of each training mini-batch (train mode); noisy, it should fall. "
+                  "A NaN or inf ends the run as diverged.",
+    "val/loss": f"Mean cross-entropy on the held-out validation images, {_EVAL}. "
+                "Rising while train/loss falls means overfitting.",
+    "val/acc": f"Accuracy on the held-out validation images, {_EVAL}; the sweep objective.",
+    "test/loss": f"Mean cross-entropy on the 10,000 test images, {_EVAL}.",
+    "test/acc": f"Accuracy on the 10,000 test images, {_EVAL}; steps to 90/95/97% count from it.",
+    "lr": "The optimizer's learning rate at each evaluation.",
+    STEPS_TAG: f"First evaluated step with test/acc >= {STEPS_TARGET:g}, written once at the end of "
+               "the run; NaN when the run never got there.",
+}
+_PATTERNS = (
+    (r"bn/layer(\d+)/running_mean",
+     "Running mean of each of layer {0}'s features: what batch norm subtracts at test time. "
+     "One histogram over features per evaluation; it settles as training converges."),
+    (r"bn/layer(\d+)/running_var",
+     "Running (unbiased) variance of each of layer {0}'s features: what batch norm divides by at "
+     "test time. One histogram over features per evaluation; it settles as training converges."),
+    (r"bn/layer(\d+)/running_mean_avg",
+     "Layer {0}'s running mean averaged over its features (all of them: Histograms, "
+     "bn/layer{0}/running_mean). Flat once the layer's input statistics settle."),
+    (r"bn/layer(\d+)/running_var_avg",
+     "Layer {0}'s running variance averaged over its features (all of them: Histograms, "
+     "bn/layer{0}/running_var). Flat once the layer's input statistics settle."),
+    (r"act/layer(\d+)/p(\d+)",
+     "{1}th percentile of the input to layer {0}'s nonlinearity on 1,000 fixed test images, eval "
+     "mode (Ioffe & Szegedy 2015, Fig. 1b,c): it drifts without batch norm and holds with it."),
+)
+
+
+def describe(tag: str) -> str:
+    """The one-line description of a run's tag ('' for a tag this module does not know)."""
+    if tag in _FIXED:
+        return _FIXED[tag]
+    for pattern, text in _PATTERNS:
+        match = re.fullmatch(pattern, tag)
+        if match:
+            return text.format(*match.groups())
+    return ""
