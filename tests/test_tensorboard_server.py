@@ -75,10 +75,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# No proxy for a server on 127.0.0.1: urlopen's shared opener keeps the proxy settings of the
+# environment it first saw, and other tests point them at a dead proxy (test_data.py).
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def get(base: str, route: str, body: dict | None = None):
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(base + route, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with DIRECT.open(request, timeout=30) as response:
         return json.loads(response.read())
 
 
