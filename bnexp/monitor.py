@@ -3,6 +3,8 @@
 Tags (fixed, see ../shared/design.md): `train/loss`, `val/loss`, `val/acc`, `test/loss`,
 `test/acc`, `lr`, `bn/<layer>/running_mean`, `bn/<layer>/running_var` (histogram + mean as a
 scalar), `act/<layer>/p15|p50|p85` (the input to the nonlinearity), and hparams in the same run.
+With probes on (probe.every > 0): `probe/loss_min|loss_max|grad_change|beta`, `ics/<layer>/l2|cos`;
+with probe.train_mode_acc: `test/acc_train_mode` beside the evaluation metrics.
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ class Monitor:
             values = torch.nanquantile(z, q)  # a diverged net has NaNs: percentiles of what is left
             for p, v in zip(PERCENTILES, values.tolist()):
                 self.writer.add_scalar(f"act/layer{k}/p{p}", v, step)
+
+    def probes(self, step: int, values: dict[str, float]) -> None:
+        """One probe step's values (bnexp/probes.py): `probe/loss_min|loss_max|grad_change|beta`
+        and `ics/<layer>/l2|cos`, written at the segment's end with its losses."""
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
 
     def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         """A histogram of the finite values (TensorBoard rejects NaN/inf); none if nothing is finite."""
