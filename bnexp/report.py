@@ -281,7 +281,7 @@ def _pm(mean_std: tuple[float | None, float | None], spec: str) -> str:
     mean, std = mean_std
     if mean is None:
         return "n/a"
-    return format(mean, spec) + ("" if std is None else f" +- {format(std, spec)}")
+    return format(mean, spec) + ("" if std is None else f" +- {format(std, spec.lstrip('+'))}")
 
 
 def _study_lines(study: Study) -> list[str]:
@@ -361,9 +361,10 @@ def study_conclusion(study: Study) -> str:
     for norm in dict.fromkeys(g.norm for g in study.gaps):
         mine = [g for g in study.gaps if g.norm == norm and g.gap[0] is not None]
         if mine:
-            worst = min(mine, key=lambda g: g.gap[0])
-            sentences.append(f"The train/eval gap of {norm} is most negative at {column} {worst.label} "
-                             f"({_pm(worst.gap, '+.4f')}: eval mode {_pm(worst.eval_acc, '.4f')}).")
+            worst = max(mine, key=lambda g: abs(g.gap[0]))
+            sentences.append(f"The train/eval gap of {norm} is largest at {column} {worst.label}: "
+                             f"{_pm(worst.gap, '+.4f')} (eval mode {_pm(worst.eval_acc, '.4f')}, "
+                             f"training mode {_pm(worst.train_acc, '.4f')}).")
     return " ".join(sentences)
 
 
