@@ -183,6 +183,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.threads == "auto" or (str(cfg.threads).isdigit() and int(cfg.threads) >= 1),
              "threads", cfg.threads, "'auto' or an integer >= 1")
     _validate_probe(cfg.probe)
+    _require(cfg.probe.every == 0 or t.tensorboard, "probe.every", cfg.probe.every,
+             "0 with train.tensorboard=false (probe values go to TensorBoard only)")
 
 
 def _validate_norm_extras(norm: NormConfig) -> None:

@@ -281,7 +281,7 @@ class Run:
             else:
                 losses[done] = self.train_step(self.order.next())
             done += 1
-        values = losses[:done].tolist()  # note: the segment's one host sync (two with probes)
+        values = losses[:done].tolist()  # note: the segment's one host sync (record_probes adds one)
         self.progress.train_s += time.perf_counter() - start  # probes included: they run between steps
         self.progress.step += done
         self.record_probes(probes)

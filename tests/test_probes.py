@@ -208,10 +208,11 @@ def test_train_mode_accuracy_is_logged_and_summarized(tiny_mnist, tmp_path):
     ("norm.position=inside", "norm.position='inside'", "one of before, after"),
     ("norm.noise_scale=0.5", "norm.noise_scale=0.5", "a finite number >= 1"),
     ("norm.noise_shift=-1", "norm.noise_shift=-1.0", "a finite number >= 0"),
+    ("probe.every=5 train.tensorboard=false", "probe.every=5", "0 with train.tensorboard=false"),
 ])
 def test_bad_probe_and_norm_values_are_refused(tiny_mnist, override, named, allowed):
     with pytest.raises(ConfigError) as err:
-        tiny_config(tiny_mnist, override)
+        tiny_config(tiny_mnist, *override.split())
     assert named in str(err.value) and allowed in str(err.value) and "\n" not in str(err.value)
 
 
