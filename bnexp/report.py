@@ -348,14 +348,17 @@ def study_conclusion(study: Study) -> str:
         if parts:
             sentences.append(f"Speed-up of {norm} over none to test accuracy {target:g}, each at its best lr, by "
                              f"{column}: " + ", ".join(parts) + ".")
-    for norm in norms or dict.fromkeys(g.norm for v in study.values for g in v.stats.groups):
+    parts = []
+    for norm in dict.fromkeys(g.norm for v in study.values for g in v.stats.groups):
         accs = []
         for v in study.values:
             g = best_group(v.stats.groups, norm, target)
             if g is not None and g.final_test_acc.mean is not None:
                 accs.append(f"{v.label}: {g.final_test_acc.mean:.4f}")
         if accs:
-            sentences.append(f"Final test accuracy of {norm} at its best lr: " + ", ".join(accs) + ".")
+            parts.append(f"{norm} " + ", ".join(accs))
+    if parts:
+        sentences.append("Final test accuracy at each norm's best lr: " + "; ".join(parts) + ".")
     if not any(v.stats.speedup.none_best_lr is not None for v in study.values):
         sentences.append("No `none` runs: no speed-up to compute.")
     for norm in dict.fromkeys(g.norm for g in study.gaps):
