@@ -361,7 +361,7 @@ def study_conclusion(study: Study) -> str:
         sentences.append("Final test accuracy at each norm's best lr: " + "; ".join(parts) + ".")
     if not any(v.stats.speedup.none_best_lr is not None for v in study.values):
         sentences.append("No `none` runs: no speed-up to compute.")
-    for norm in dict.fromkeys(g.norm for g in study.gaps):
+    for norm in dict.fromkeys(g.norm for g in study.gaps if g.norm != "none"):  # none: 0 by construction
         mine = [g for g in study.gaps if g.norm == norm and g.gap[0] is not None]
         if mine:
             worst = max(mine, key=lambda g: abs(g.gap[0]))
