@@ -21,7 +21,8 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-NORMS = ("none", "custom", "native")
+NORMS = ("none", "custom", "native", "custom_noisy")
+POSITIONS = ("before", "after")  # norm.position: where the norm sits relative to the nonlinearity
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 DEVICES = ("auto", "cpu", "cuda")
 RESUME_MODES = ("auto", "never")
@@ -36,6 +37,11 @@ class ConfigError(ValueError):
 class NormConfig:
     name: str = "custom"
     compile: bool = False
+    position: str = "before"  # before | after the nonlinearity (bnexp.model.HiddenLayer)
+    # norm=custom_noisy only (bnexp/noise.py has the distribution); ignored by the other norms
+    noise_shift: float = 1.0
+    noise_scale: float = 2.0
+    noise_jitter: float = 0.1
 
 
 @dataclass
@@ -78,6 +84,16 @@ class DataConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Measurements of *why* batch norm helps (bnexp/probes.py); all off by default."""
+
+    every: int = 0  # landscape + ICS probes every k steps; 0 = off
+    multiples: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # eta / lr
+    ics: bool = True  # with probes on, also internal covariate shift (Santurkar Def. 2.1)
+    train_mode_acc: bool = False  # test accuracy in training mode at eval points (test/acc_train_mode)
+
+
+@dataclass
 class Config:
     name: str = "default"
     norm: NormConfig = field(default_factory=NormConfig)
@@ -85,6 +101,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     seed: int = 0
     device: str = "auto"
     threads: str = "auto"
@@ -108,6 +125,14 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("bnexp.run_name"):
         from bnexp.run_name import run_name  # hydra.run.dir: <stamp>_<overrides> (bnexp/run_name.py)
         OmegaConf.register_new_resolver("bnexp.run_name", run_name)
+    if not OmegaConf.has_resolver("bnexp.sqrt_scaled"):
+        OmegaConf.register_new_resolver("bnexp.sqrt_scaled", sqrt_scaled)
+
+
+def sqrt_scaled(base: float, batch_size: int, reference: int) -> float:
+    """base * sqrt(batch_size / reference), rounded to 6 significant digits: the square-root lr rule
+    of conf/experiment/batch_size.yaml (`${bnexp.sqrt_scaled:1.0,${train.batch_size},60}`)."""
+    return float(f"{float(base) * math.sqrt(int(batch_size) / int(reference)):.6g}")
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -141,6 +166,7 @@ def _positive_finite(value: float) -> bool:
 def validate(cfg: Config) -> None:
     """Check every value that the schema's types cannot; raise ConfigError on the first bad one."""
     _require(cfg.norm.name in NORMS, "norm.name", cfg.norm.name, f"one of {', '.join(NORMS)}")
+    _validate_norm_extras(cfg.norm)
     _validate_optim(cfg.optim)
     m = cfg.model
     _require(len(m.widths) > 0, "model.widths", m.widths, "a non-empty list of hidden sizes")
@@ -159,6 +185,28 @@ def validate(cfg: Config) -> None:
     _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
     _require(cfg.threads == "auto" or (str(cfg.threads).isdigit() and int(cfg.threads) >= 1),
              "threads", cfg.threads, "'auto' or an integer >= 1")
+    _validate_probe(cfg.probe)
+    _require(cfg.probe.every == 0 or t.tensorboard, "probe.every", cfg.probe.every,
+             "0 with train.tensorboard=false (probe values go to TensorBoard only)")
+
+
+def _validate_norm_extras(norm: NormConfig) -> None:
+    """norm.position and the noisy variant's keys (bnexp/noise.py)."""
+    _require(norm.position in POSITIONS, "norm.position", norm.position, f"one of {', '.join(POSITIONS)}")
+    _require(not (norm.name == "custom_noisy" and norm.compile), "norm.compile", norm.compile,
+             "false with norm=custom_noisy (the noisy variant runs our layer eagerly)")
+    _require(isinstance(norm.noise_shift, (int, float)) and math.isfinite(norm.noise_shift)
+             and norm.noise_shift >= 0, "norm.noise_shift", norm.noise_shift, "a finite number >= 0")
+    _require(isinstance(norm.noise_scale, (int, float)) and math.isfinite(norm.noise_scale)
+             and norm.noise_scale >= 1, "norm.noise_scale", norm.noise_scale, "a finite number >= 1")
+    _require(isinstance(norm.noise_jitter, (int, float)) and math.isfinite(norm.noise_jitter)
+             and norm.noise_jitter >= 0, "norm.noise_jitter", norm.noise_jitter, "a finite number >= 0")
+
+
+def _validate_probe(probe: ProbeConfig) -> None:
+    _require(probe.every >= 0, "probe.every", probe.every, "an integer >= 0 (0 = no probes)")
+    _require(len(probe.multiples) > 0 and all(_positive_finite(m) for m in probe.multiples),
+             "probe.multiples", probe.multiples, "a non-empty list of finite numbers > 0 (step sizes / lr)")
 
 
 def _validate_optim(optim: SGDConfig | AdamConfig) -> None:

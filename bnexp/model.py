@@ -8,8 +8,9 @@ from torch import nn
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def make_norm(name: str, num_features: int, compile: bool = False) -> nn.Module:
-    """The normalization after a hidden Linear: none -> Identity, custom -> ours, native -> torch's.
+def make_norm(name: str, num_features: int, compile: bool = False, noise: dict | None = None) -> nn.Module:
+    """The normalization after a hidden Linear: none -> Identity, custom -> ours, native -> torch's,
+    custom_noisy -> ours followed by shifting noise (bnexp/noise.py; `noise` holds its shift, scale, jitter).
 
     compile=True fuses our layer's training formulas with torch.compile at large inputs
     (norm.compile, bnexp/compiled.py); the module and
@@ -23,35 +24,50 @@ def make_norm(name: str, num_features: int, compile: bool = False) -> nn.Module:
         return layers.BatchNorm1d(num_features, compile=compile)
     if name == "native":
         return nn.BatchNorm1d(num_features)
-    raise ValueError(f"norm={name!r} is not known: one of none, custom, native")
+    if name == "custom_noisy":
+        from bnexp.noise import NoisyBatchNorm1d
+
+        return NoisyBatchNorm1d(num_features, **(noise or {}))
+    raise ValueError(f"norm={name!r} is not known: one of none, custom, native, custom_noisy")
 
 
 class HiddenLayer(nn.Module):
-    """Linear -> norm -> activation. With a norm the Linear has no bias: the norm's beta replaces it."""
+    """Linear -> norm -> activation (position "before", Ioffe & Szegedy's placement), or
+    Linear -> activation -> norm ("after"). Before the nonlinearity the Linear has no bias with
+    a norm: the norm's beta replaces it; after it, the Linear keeps its bias."""
 
-    def __init__(self, fan_in: int, width: int, norm: str, activation: str, compile: bool = False):
+    def __init__(self, fan_in: int, width: int, norm: str, activation: str, compile: bool = False,
+                 position: str = "before", noise: dict | None = None):
         super().__init__()
-        self.linear = nn.Linear(fan_in, width, bias=norm == "none")
-        self.norm = make_norm(norm, width, compile)
+        self.norm_after = position == "after"
+        self.linear = nn.Linear(fan_in, width, bias=norm == "none" or self.norm_after)
+        self.norm = make_norm(norm, width, compile, noise)
         self.activation = ACTIVATIONS[activation]()
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         """The input to the nonlinearity (what Ioffe & Szegedy 2015 Fig. 1b,c plot)."""
-        return self.norm(self.linear(x))
+        z = self.linear(x)
+        return z if self.norm_after else self.norm(z)
+
+    def postactivation(self, z: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its nonlinearity's input z."""
+        a = self.activation(z)
+        return self.norm(a) if self.norm_after else a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.preactivation(x))
+        return self.postactivation(self.preactivation(x))
 
 
 class MLP(nn.Module):
     """784 -> widths... -> 10 classifier; `hidden[k]` is TensorBoard's `layer{k+1}`."""
 
     def __init__(self, widths: list[int], activation: str = "sigmoid", norm: str = "none",
-                 compile: bool = False, in_features: int = 784, classes: int = 10):
+                 compile: bool = False, in_features: int = 784, classes: int = 10, *,
+                 position: str = "before", noise: dict | None = None):
         super().__init__()
         sizes = [in_features, *widths]
         self.hidden = nn.ModuleList(
-            HiddenLayer(a, b, norm, activation, compile) for a, b in zip(sizes[:-1], sizes[1:])
+            HiddenLayer(a, b, norm, activation, compile, position, noise) for a, b in zip(sizes[:-1], sizes[1:])
         )
         self.head = nn.Linear(sizes[-1], classes)
 
@@ -66,7 +82,7 @@ class MLP(nn.Module):
         for layer in self.hidden:
             z = layer.preactivation(x)
             out.append(z)
-            x = layer.activation(z)
+            x = layer.postactivation(z)
         return out
 
     def norm_layers(self) -> dict[str, nn.Module]:

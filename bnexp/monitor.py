@@ -5,6 +5,8 @@ Tags (bnexp/tags.py names them and says what each shows): `train/loss`, `val/los
 and the scalars `bn/<layer>/running_mean_avg|running_var_avg` (one tag, one kind);
 `act/<layer>/p15|p50|p85` (the input to the nonlinearity); at the end `summary/steps_to_0.95`
 and the run's HParams entry (bnexp/hparams.py), in the same run.
+With probes on (probe.every > 0): `probe/loss_min|loss_max|grad_change|beta`, `ics/<layer>/l2|cos`;
+with probe.train_mode_acc: `test/acc_train_mode` beside the evaluation metrics.
 """
 
 from __future__ import annotations
@@ -94,6 +96,12 @@ class Monitor:
             values = torch.nanquantile(z, q)  # a diverged net has NaNs: percentiles of what is left
             for p, v in zip(PERCENTILES, values.tolist()):
                 self.scalar(act_tag(f"layer{k}", p), v, step)
+
+    def probes(self, step: int, values: dict[str, float]) -> None:
+        """One probe step's values (bnexp/probes.py): `probe/loss_min|loss_max|grad_change|beta`
+        and `ics/<layer>/l2|cos`, written at the segment's end with its losses."""
+        for tag, value in values.items():
+            self.scalar(tag, value, step)
 
     def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         """A histogram of the finite values (TensorBoard rejects NaN/inf); none if nothing is finite."""

@@ -44,6 +44,17 @@ _FIXED = {
     "test/loss": f"Mean cross-entropy on the 10,000 test images, {_EVAL}.",
     "test/acc": f"Accuracy on the 10,000 test images, {_EVAL}; steps to 90/95/97% count from it.",
     "lr": "The optimizer's learning rate at each evaluation.",
+    "test/acc_train_mode": "Accuracy on the test images with BN in train mode: chunks of train.batch_size "
+                           "images, each normalized by its own batch statistics. The gap to test/acc "
+                           "is what switching to the running statistics costs or gains.",
+    "probe/loss_min": "Santurkar et al. 2018 Fig. 4a: the lowest loss on this step's batch along the "
+                      "gradient, over the step-size grid (probe.multiples x lr). Narrow band = smooth.",
+    "probe/loss_max": "Santurkar et al. 2018 Fig. 4a: the highest loss on this step's batch along the "
+                      "gradient, over the step-size grid. A wide gap to loss_min = a rough landscape.",
+    "probe/grad_change": "Gradient predictiveness (Santurkar Fig. 4b): the largest l2 change of the "
+                         "gradient along the gradient step. Smaller = the gradient stays a good guide.",
+    "probe/beta": "Effective beta-smoothness (Santurkar Fig. 4c): the largest gradient change per unit "
+                  "of step length along the gradient. Smaller = smoother loss.",
     STEPS_TAG: f"First evaluated step with test/acc >= {STEPS_TARGET:g}, written once at the end of "
                "the run; NaN when the run never got there.",
 }
@@ -60,6 +71,12 @@ _PATTERNS = (
     (r"bn/layer(\d+)/running_var_avg",
      "Layer {0}'s running variance averaged over its features (all of them: Histograms, "
      "bn/layer{0}/running_var). Flat once the layer's input statistics settle."),
+    (r"ics/(layer\d+|head)/l2",
+     "Internal covariate shift of {0} (Santurkar Def. 2.1): l2 distance between its weight "
+     "gradient before and after the earlier layers take their step on this batch. 0 = no shift."),
+    (r"ics/(layer\d+|head)/cos",
+     "{0}'s weight gradient before vs after the earlier layers' step on this batch, as a "
+     "cosine (Santurkar Def. 2.1): 1 = the update did not change what {0} should do."),
     (r"act/layer(\d+)/p(\d+)",
      "{1}th percentile of the input to layer {0}'s nonlinearity on 1,000 fixed test images, eval "
      "mode (Ioffe & Szegedy 2015, Fig. 1b,c): it drifts without batch norm and holds with it."),

@@ -31,6 +31,8 @@ from bnexp.data import MNIST, load_mnist
 from bnexp.model import MLP, init_weights
 from bnexp.monitor import make_monitor
 from bnexp.progress import ProgressBar
+from bnexp.noise import seed_noise
+from bnexp.probes import probed_step, train_mode_accuracy
 from bnexp.runtime import pick_device
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,9 @@ def run_summary(p: Progress, cfg: Config) -> dict:
         "steps_done": p.diverged_at_step if status == "diverged" else p.step,
         "diverged_at_step": p.diverged_at_step,
         "final": {"train_loss": p.last_train_loss, "val_acc": last["val/acc"],
-                  "test_acc": last["test/acc"], "test_loss": last["test/loss"]},
+                  "test_acc": last["test/acc"], "test_loss": last["test/loss"],
+                  **({"test_acc_train_mode": last["test/acc_train_mode"]}  # probe.train_mode_acc only
+                     if "test/acc_train_mode" in last else {})},
         "steps_to_test_acc": steps_to_test_acc(p.evals),
         "wall_s": round(p.wall_s, 3),
         "train_steps_per_s": round(p.step / p.train_s, 1) if p.train_s > 0 else None,
@@ -212,8 +216,12 @@ class Run:
         saved = None if cfg.train.resume == "never" else ckpt.load_checkpoint(self.run_dir, self.flat)
         self.data = self._load_data()
         torch.manual_seed(cfg.seed)
-        self.model = MLP(cfg.model.widths, cfg.model.activation, cfg.norm.name, cfg.norm.compile)
+        n = cfg.norm
+        noise = {"shift": n.noise_shift, "scale": n.noise_scale, "jitter": n.noise_jitter}
+        self.model = MLP(cfg.model.widths, cfg.model.activation, n.name, n.compile,
+                         position=n.position, noise=noise if n.name == "custom_noisy" else None)
         init_weights(self.model, cfg.model.init_std, torch.Generator().manual_seed(cfg.seed))
+        seed_noise(self.model, cfg.seed)  # norm=custom_noisy only: its generators, before a resume restores them
         self.model.to(self.device)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.order = BatchOrder(len(self.data.train_x), cfg.train.batch_size, cfg.seed, self.device)
@@ -253,21 +261,49 @@ class Run:
         self.optimizer.step()
         return loss.detach()
 
+    def probed_train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """train_step with the landscape and ICS probes around it (bnexp/probes.py): same result, plus probe values."""
+        x = self.data.train_x.index_select(0, idx)
+        y = self.data.train_y.index_select(0, idx)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return probed_step(self.model, x, y, lr, lambda: self.train_step(idx),
+                           self.cfg.probe.multiples, self.cfg.probe.ics)
+
     def run_segment(self, end: int, stop: StopFlag, tick=None) -> list[float]:
         """Train from progress.step up to `end` (or until a signal); return the per-step losses.
-        tick(step), if given, is called after each step with the host's step count (no sync)."""
+
+        Probe steps (multiples of probe.every) run inside the segment; their values stay on the
+        device like the losses and are written with them (record_probes), not at a boundary of their own.
+        tick(step), if given, is called after each step with the host's step count (no sync).
+        """
         losses = torch.empty(end - self.progress.step, device=self.device)
+        every, first = self.cfg.probe.every, self.progress.step + 1
+        probes: list[tuple[int, dict[str, torch.Tensor]]] = []
         done = 0
         start = time.perf_counter()
         while done < len(losses) and stop.signum is None:
-            losses[done] = self.train_step(self.order.next())
+            if every and (first + done) % every == 0:
+                losses[done], values = self.probed_train_step(self.order.next())
+                probes.append((first + done, values))
+            else:
+                losses[done] = self.train_step(self.order.next())
             done += 1
             if tick is not None:
                 tick(self.progress.step + done)
-        values = losses[:done].tolist()  # note: the segment's one host sync
-        self.progress.train_s += time.perf_counter() - start
+        values = losses[:done].tolist()  # note: the segment's one host sync (record_probes adds one)
+        self.progress.train_s += time.perf_counter() - start  # probes included: they run between steps
         self.progress.step += done
+        self.record_probes(probes)
         return values
+
+    def record_probes(self, probes: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
+        """Write a segment's probe values: one host sync for all of them."""
+        if not probes:
+            return
+        tags = list(probes[0][1])
+        rows = torch.stack([torch.stack([v[t].float() for t in tags]) for _, v in probes]).tolist()
+        for (step, _), row in zip(probes, rows):
+            self.monitor.probes(step, dict(zip(tags, row)))
 
     def record_losses(self, values: list[float]) -> None:
         """Log a segment's losses, update the running mean, and note the step of a non-finite loss."""
@@ -290,6 +326,9 @@ class Run:
         test_loss, test_acc = evaluate(self.model, self.data.test_x, self.data.test_y)
         record = {"step": step, "val/loss": val_loss, "val/acc": val_acc,
                   "test/loss": test_loss, "test/acc": test_acc}
+        if self.cfg.probe.train_mode_acc:  # BN's train/eval gap: the test set with batch statistics
+            record["test/acc_train_mode"] = train_mode_accuracy(
+                self.model, self.data.test_x, self.data.test_y, self.cfg.train.batch_size)
         self.monitor.evaluation(step, eval_metrics(record), self.optimizer.param_groups[0]["lr"])
         self.monitor.running_stats(step, self.model.norm_layers())
         self.monitor.activations(step, self.model, self.probe)

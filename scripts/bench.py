@@ -3,6 +3,7 @@ training loop vs a pytorch/examples-style DataLoader pipeline.
 
     python scripts/bench.py                                  # layer and training tables, 2 threads
     python scripts/bench.py --sections training              # training throughput, logging cost, peak RSS
+    python scripts/bench.py --sections probes                # what probe.every=100 and norm=custom_noisy cost
     python scripts/bench.py --threads 1 --out outputs/bench.json
     python scripts/bench.py --no-compile                     # skip the torch.compile rows (seconds a shape)
     python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
@@ -242,7 +243,7 @@ def _compose(overrides: list[str]):
     return to_config(compose(overrides))
 
 
-def harness_run(norm: str, steps: int, eval_every: int, tensorboard: bool = True) -> dict:
+def harness_run(norm: str, steps: int, eval_every: int, tensorboard: bool = True, extra=()) -> dict:
     """One bnexp.train run with the default MLP and batch 60; its summary.json."""
     import tempfile
 
@@ -250,7 +251,7 @@ def harness_run(norm: str, steps: int, eval_every: int, tensorboard: bool = True
 
     cfg = _compose([f"norm={norm}", f"train.steps={steps}", f"train.eval_every={eval_every}",
                     f"train.tensorboard={str(tensorboard).lower()}", f"train.checkpoint_every={steps}",
-                    "device=cpu"])
+                    "device=cpu", *extra])
     with tempfile.TemporaryDirectory() as run_dir:
         return train(cfg, Path(run_dir), progress="quiet")
 
@@ -342,6 +343,33 @@ def paired(what: str, a: list[float], b: list[float], digits: int) -> dict:
     ratios = [x / y for x, y in zip(a, b)]
     return {"what": what, "ratio": round(statistics.median(ratios), digits),
             "range": f"{min(ratios):.{digits}f}-{max(ratios):.{digits}f}"}
+
+
+PROBE_EVERY = 100  # the default probe schedule: conf/experiment/santurkar.yaml
+
+
+def bench_probes(args) -> list[dict]:
+    """What the why-measurements cost (bnexp/probes.py, bnexp/noise.py): the default MLP with
+    norm=custom, probes off vs probe.every=100 (landscape + ICS), and norm=custom_noisy vs custom,
+    as training steps/s (probe time included, as summary.json counts it), interleaved repeats."""
+    torch.set_num_threads(args.threads)
+    steps, every = (200, 20) if args.quick else (3000, PROBE_EVERY)
+    runs: dict[str, list[float]] = {"off": [], "probed": [], "noisy": []}
+    for repeat in range(args.repeats):
+        order = ("off", "probed", "noisy") if repeat % 2 == 0 else ("noisy", "probed", "off")
+        for what in order:  # alternating order: a drift in machine speed hits all alike
+            norm = "custom_noisy" if what == "noisy" else "custom"
+            extra = [f"probe.every={every}"] if what == "probed" else []
+            runs[what].append(harness_run(norm, steps, eval_every=steps, extra=extra)["train_steps_per_s"])
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    names = {"off": "custom, probes off", "probed": f"custom, probe.every={every} (landscape + ICS)",
+             "noisy": "custom_noisy, probes off"}
+    rows = [{"what": names[k], "steps_per_s": round(med[k], 1)} for k in runs]
+    return rows + [
+        paired(f"probes off / probe.every={every}: run time with probes (target <= 1.15)",
+               runs["off"], runs["probed"], 3),
+        paired("custom / custom_noisy: run time of the noisy variant", runs["off"], runs["noisy"], 3),
+    ]
 
 
 TRAINING_COLUMNS = [
@@ -555,7 +583,8 @@ LOAD_COLUMNS = [
 
 
 SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "training": (bench_training, TRAINING_COLUMNS),
-            "threads": (bench_threads, THREADS_COLUMNS), "load": (bench_load, LOAD_COLUMNS)}
+            "threads": (bench_threads, THREADS_COLUMNS), "load": (bench_load, LOAD_COLUMNS),
+            "probes": (bench_probes, TRAINING_COLUMNS)}
 
 
 # ----------------------------------------------------------------------------- output
@@ -583,7 +612,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the torch.compile rows (each large shape compiles for seconds)")
     # training first: its harness timings are the most sensitive to what the process did before
     # (the layer section allocates GBs and compiles kernels)
-    parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=["training", "layer"])
+    parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=["training", "probes", "layer"])
     parser.add_argument("--steady-malloc", action="store_true",
                         help="keep freed memory mapped (glibc mallopt): times without page faults")
     parser.add_argument("--load-steps", type=int, default=None,

@@ -6,6 +6,11 @@ and aggregates/<config>/, one TensorBoard run per config with its mean and sprea
     python scripts/report.py outputs/multirun/convergence/<stamp>
     python scripts/report.py outputs/multirun/convergence/<stamp> --target 0.97
     python scripts/report.py outputs/multirun/convergence/final --out docs/results --prefix convergence_t95_
+    python scripts/report.py outputs/multirun/depth/final --target 0.9   # a study: tables per depth, no pooling
+
+A sweep where model.widths, train.batch_size or norm.position varies is reported as that study
+(conf/experiment/depth|batch_size|placement); runs with probes (probe.every > 0, e.g.
+experiment=santurkar) add the landscape and internal-covariate-shift section and figures.
 
 Tiny CPU recipe: run a smoke sweep first (see README), then point this at its sweep dir.
 """

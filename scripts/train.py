@@ -4,6 +4,8 @@
     python scripts/train.py norm=none optim.lr=0.1 train.steps=2000
     python scripts/train.py -m norm=none,custom,native seed=0,1,2
     python scripts/train.py experiment=smoke                  # seconds, a quick check
+    python scripts/train.py probe.every=100 norm=custom_noisy # Santurkar's probes, BN with shifting noise
+    python scripts/train.py -m experiment=santurkar           # also: depth, batch_size, placement (README)
     tensorboard --logdir outputs
 
 Configs: conf/ (see conf/config.yaml for every knob). Code: bnexp/cli.py -> bnexp/train.py.
