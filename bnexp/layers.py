@@ -23,9 +23,10 @@ The bracket's correction is there because mean and var are computed from x; in e
 mode they are constants and dx = weight / sqrt(var + eps) * dy.
 
 Reading order: ``forward_formulas`` and ``backward_formulas`` are the two blocks above;
-``BatchNormFunction`` hands them to autograd and updates the running statistics;
-``batch_norm`` and ``BatchNorm1d`` are the functional and module front doors. Nothing here
-imports from bnexp: bnexp/compiled.py builds a faster path for large inputs on top of it.
+``BatchNormFunction`` hands them to autograd and updates the running statistics; the
+"speed" section holds the two per-call tricks the layer keeps; ``batch_norm`` and
+``BatchNorm1d`` are the functional and module front doors. Nothing here imports from
+bnexp: bnexp/compiled.py builds a faster path for large inputs on top of this module.
 """
 
 from __future__ import annotations
@@ -47,17 +48,18 @@ def forward_formulas(x: Tensor, weight: Tensor | None, bias: Tensor | None, n, e
     Training (stats=None) uses the batch's mean and biased variance; evaluation passes the
     running (mean, var) instead. n and eps are numbers or 0-dim tensors holding them.
     """
-    if stats is None:
+    if stats is None:  # training: the batch's own statistics
         mean = x.sum(0) / n
         centered = x - mean
         var = (centered * centered).sum(0) / n
-    else:
+    else:  # evaluation: the running estimates
         mean, var = stats
         centered = x - mean
     inv_std = torch.rsqrt(var + eps)
-    x_hat = centered * inv_std
-    y = x_hat if weight is None else x_hat * weight
-    y = y if bias is None else y + bias
+    # y = weight * x_hat + bias with x_hat = centered * inv_std, in one pass over the values
+    # (addcmul(b, t, s) is b + t * s): x_hat itself is never stored
+    scale = inv_std if weight is None else weight * inv_std
+    y = centered * scale if bias is None else torch.addcmul(bias, centered, scale)
     return y, centered, inv_std, mean, var
 
 
@@ -97,6 +99,7 @@ class BatchNormFunction(torch.autograd.Function):
 
 
 def _backward(ctx, dy):
+    """BatchNormFunction's backward: the formulas, and None for what needs no gradient."""
     centered, inv_std, weight = ctx.saved_tensors
     dx, dweight, dbias = backward_formulas(dy, centered, inv_std, weight, ctx.n, ctx.training)
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -119,9 +122,10 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
 
 # ----------------------------------------------------------------------------- speed
 # The harness normalizes batches of 60 x 100, where a tensor op takes 1-3 us whatever its
-# size: the layer's cost is per call, not per value. These two tricks earn their place there
-# (README, Performance, has the commands and numbers); large inputs are the job of
-# CompiledBatchNorm1d (bnexp/compiled.py).
+# size: the layer's cost is per call, not per value. The two tricks below earn their place
+# there; each gain is the share of a training step of the default MLP (3 layers) that it
+# saves, in instructions counted with valgrind (README, Performance). Large inputs are the
+# job of CompiledBatchNorm1d (bnexp/compiled.py).
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,8 +133,9 @@ def constants(n: int, eps: float, dtype: torch.dtype, device: torch.device) -> t
     """n, eps and n / (n - 1) as 0-dim tensors in the input's dtype, made once per batch size.
 
     A Python number in a tensor op is wrapped into a new tensor on every call (~2 us here,
-    as long as a small op itself). These are read-only: nothing writes into them.
-    n / (n - 1) is NaN for n = 1, where only evaluation is allowed (and does not use it).
+    as long as a small op itself); these four uses cost 2.7% of a training step. The
+    tensors are read-only: nothing writes into them. n / (n - 1) is NaN for n = 1, where
+    only evaluation is allowed (and does not use it).
     """
     bessel = n / (n - 1) if n > 1 else float("nan")
     with torch.inference_mode(False):  # usable outside inference mode even if made inside
@@ -138,8 +143,9 @@ def constants(n: int, eps: float, dtype: torch.dtype, device: torch.device) -> t
 
 
 # once_differentiable makes differentiating the gradient an error instead of a silent wrong
-# value (the saved tensors are constants to autograd). Its wrapper costs ~XX us a call, and it
-# is only needed when backward itself is recorded (create_graph=True): only then is it used.
+# value (the saved tensors are constants to autograd). Its wrapper (a no_grad block around
+# the call) costs 1.0% of a training step, and it is needed only when backward itself is
+# recorded (create_graph=True): BatchNormFunction.backward uses it only then.
 _backward_once = once_differentiable(_backward)
 
 
@@ -164,7 +170,7 @@ def batch_norm(
     if input.dim() == 2:
         return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                        training, momentum, eps)
-    # (N, C, L, ...): the same as N * L * ... rows of C channels; the copies cost two passes
+    # (N, C, L, ...): the same as N * L * ... rows of C channels (a copy each way)
     channels_last = input.movedim(1, -1)
     rows = channels_last.reshape(-1, input.shape[1])
     y = BatchNormFunction.apply(rows, weight, bias, running_mean, running_var, training, momentum, eps)
@@ -296,18 +302,18 @@ class BatchNorm1d(nn.Module):
         running_mean, running_var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
         # torch's rules: count every training batch; momentum=None averages all batches so far
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and tracked is not None:
+        if self.training and self.track_running_stats and tracked is not None:
             tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(tracked)  # note: a host sync on a GPU, as in torch
         # batch statistics in training, and in evaluation when there are no running ones
-        use_batch_stats = self.training or running_mean is None
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         if self.training and not self.track_running_stats:
             running_mean = running_var = None  # passed only where they are read or updated
         return self._batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 use_batch_stats, momentum, self.eps)
 
-    # what forward ends in; CompiledBatchNorm1d (bnexp/compiled.py) swaps in its own
+    # the function forward ends in; CompiledBatchNorm1d (bnexp/compiled.py) swaps in its own
     _batch_norm = staticmethod(batch_norm)
 
 

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
-from bnexp import compiled  # noqa: E402
-from bnexp.layers import BatchNorm1d  # noqa: E402
+from bnexp import compiled
+from bnexp.compiled import CompiledBatchNorm1d
+from bnexp.layers import BatchNorm1d
 
 LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)
 QUICK_SHAPES = [(8, 4), (32, 16)]
@@ -172,15 +172,14 @@ def layer_row(shape, device, args) -> dict:
 
 
 def compile_numbers(native, x, upstream, args) -> dict:
-    """BatchNorm1d(compile=True) against native, compile warm-up excluded.
+    """CompiledBatchNorm1d against native, compile warm-up excluded.
 
-    Dynamo is reset first so that every shape gets its own static-shape kernels, as a
-    training run with a fixed batch size would. Shapes under 65,536 values run the eager
-    layer here too (that is what compile=True does with them).
+    The compile cache is reset first so that every shape gets its own static-shape kernels,
+    as a training run with a fixed batch size would. Shapes under 65,536 values run the
+    eager layer here too (that is what CompiledBatchNorm1d does with them).
     """
-    torch._dynamo.reset()
-    compiled._compiled.cache_clear()
-    layer = BatchNorm1d(x.shape[1], device=x.device, compile=True)
+    compiled.reset()
+    layer = CompiledBatchNorm1d(x.shape[1], device=x.device)
     step = train_step(layer, x, upstream)
     for _ in range(3):  # compile forward and backward, then settle
         step()

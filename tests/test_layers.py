@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnexp import compiled
+from bnexp import compiled, layers
 from bnexp.compiled import CompiledBatchNorm1d
 from bnexp.layers import BatchNorm1d, batch_norm
 
@@ -524,6 +524,40 @@ def test_no_batch_norm_kernel_runs(training):
     assert seen["custom"] == set()
 
 
+# ----------------------------------------------------------------------------- the formulas
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_formulas_with_plain_numbers_match_native(affine):
+    """forward_formulas and backward_formulas called with Python numbers for n and eps (the
+    layer passes cached 0-dim tensors instead): output, batch statistics and gradients."""
+    native, _ = make_pair(5, momentum=1.0, affine=affine)  # momentum 1: running stats = this batch's
+    gen = torch.Generator().manual_seed(0)
+    x, upstream = batch((9, 5), gen, torch.float32, scale=50.0, shift=10.0), batch((9, 5), gen, torch.float32)
+    weight = native.weight.detach() if affine else None
+    bias = native.bias.detach() if affine else None
+    y, centered, inv_std, mean, var = layers.forward_formulas(x, weight, bias, 9, native.eps)
+    grads = layers.backward_formulas(upstream, centered, inv_std, weight, 9, True)
+    out_n, grads_n = forward_and_grads(native, x, upstream)
+    assert_close(y, out_n)
+    assert_close(mean, native.running_mean)
+    assert_close(var * 9 / 8, native.running_var)
+    assert_close(grads[0], grads_n[0])
+    if affine:
+        assert_close(grads[1], grads_n[1])
+        assert_close(grads[2], grads_n[2])
+
+
+def test_layers_module_is_a_leaf():
+    """layers.py imports torch only, nothing from bnexp: the compiled path builds on it, not the reverse."""
+    import ast
+
+    tree = ast.parse((PACKAGE_DIR / "layers.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "functools", "torch", "torch.autograd.function"}
+
+
 # ----------------------------------------------------------------------------- compile path
 
 
@@ -657,6 +691,12 @@ def test_compile_leaves_small_inputs_to_the_eager_path(fresh_compile_cache):
     gen = torch.Generator().manual_seed(0)
     assert_step_agrees(custom, native, batch((60, 100), gen, torch.float32), batch((60, 100), gen, torch.float32))
     assert compiled.compiled_formulas() == []
+
+
+def test_reset_forgets_compiled_formulas_and_compile_failures():
+    """reset() is the public way to start over: nothing compiled, no failure remembered."""
+    compiled.reset()
+    assert compiled.compiled_formulas() == [] and compiled.compile_error() is None
 
 
 @pytest.mark.slow
