@@ -1,4 +1,4 @@
-"""``BatchNorm1d(compile=True)``: the layer's analytic forward and backward, fused by torch.compile.
+"""``CompiledBatchNorm1d``: the layer's training formulas fused by torch.compile, for large inputs.
 
 Eager tensor code pays one pass over memory per op: the eager layer (bnexp/layers.py) makes
 about ten passes where torch's C++ kernel makes five or six, and at large shapes it stays
@@ -15,20 +15,49 @@ and 1/std, as torch saves them.
 
 Costs: compiling takes seconds for each new input shape (its first call), and each compiled
 call pays tens of microseconds of guards and wrappers, more than the whole eager layer at
-small sizes: ``BatchNorm1d`` sends only inputs of 65,536 values or more here. The running
-statistics are updated eagerly, so a changing momentum (``momentum=None``) never recompiles.
+small sizes: inputs of fewer than ``MIN_ELEMENTS`` values, and evaluation mode (one pass
+either way), take the eager layer. The running statistics are updated eagerly, so a
+changing momentum (``momentum=None``) never recompiles. ``reset()`` forgets what was compiled.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bnexp.layers import _channel_shape, _update_running
+from bnexp.layers import BatchNorm1d, batch_norm, check_batch_norm_args, update_running_stats
+
+__all__ = ["CompiledBatchNorm1d", "compiled_batch_norm", "MIN_ELEMENTS", "reset", "compiled_formulas",
+           "compile_error", "forward_formulas", "backward_formulas", "channel_sum"]
+
+# Smaller inputs run eagerly: a compiled call's tens of microseconds of guards and wrappers
+# cost more than the whole eager layer there (scripts/bench.py, layer section).
+MIN_ELEMENTS = 1 << 16
+
+
+def compiled_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                        weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+                        momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``bnexp.layers.batch_norm``, with training-mode inputs of >= MIN_ELEMENTS values compiled."""
+    if not training or input.numel() < MIN_ELEMENTS:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return CompiledTrainingBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+
+
+class CompiledBatchNorm1d(BatchNorm1d):
+    """``BatchNorm1d`` whose training mode runs through torch.compile for inputs of >= 65,536 values.
+
+    Same arguments, parameters, buffers and state_dict as ``BatchNorm1d`` (and so as
+    ``torch.nn.BatchNorm1d``); the harness's ``norm.compile=true``. Each new input shape
+    compiles once (seconds on a CPU; needs a C++ compiler, as torch.compile does; without
+    one it warns once and runs the same formulas eagerly).
+    """
+
+    _batch_norm = staticmethod(compiled_batch_norm)
 
 
 def forward_formulas(input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
@@ -89,6 +118,11 @@ def channel_sum(t: Tensor) -> Tensor:
     return total if body == rows else total + t[body:].sum(0)
 
 
+def _channel_shape(input: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against the input: (C,) or (C, 1)."""
+    return (input.shape[1],) + (1,) * (input.dim() - 2)
+
+
 class CompiledTrainingBatchNorm(torch.autograd.Function):
     """Training mode through the compiled formulas; running statistics updated eagerly.
 
@@ -99,8 +133,7 @@ class CompiledTrainingBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps):
         output, mean, inv_std, unbiased_var = _run(forward_formulas, input, weight, bias, eps)
-        if running_mean is not None or running_var is not None:
-            _update_running(running_mean, running_var, mean, unbiased_var, momentum)
+        update_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
         ctx.save_for_backward(input, mean, inv_std, weight)
         return output
 
@@ -113,6 +146,36 @@ class CompiledTrainingBatchNorm(torch.autograd.Function):
         return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None, None, None)
 
 
+# ----------------------------------------------------------------------------- the compile cache
+
+_compiled: dict = {}  # formulas -> torch.compile(formulas), shared by every layer in the process
+_compile_error: str | None = None  # why torch.compile failed in this process, once it has
+
+
+def reset() -> None:
+    """Forget every compiled function (torch's and ours) and any compile failure.
+
+    The next large training call compiles afresh, as in a new process: for benchmarks
+    that time each shape's own static kernels, and for tests that compile themselves.
+    """
+    global _compile_error
+    import torch._dynamo  # torch's own compile caches
+
+    torch._dynamo.reset()
+    _compiled.clear()
+    _compile_error = None
+
+
+def compiled_formulas() -> list[str]:
+    """Names of the formulas compiled so far in this process (reset() empties it)."""
+    return [formulas.__name__ for formulas in _compiled]
+
+
+def compile_error() -> str | None:
+    """Why torch.compile failed in this process (the formulas then run eagerly), or None."""
+    return _compile_error
+
+
 def _run(formulas, *args):
     """formulas(*args) through torch.compile; eagerly, with one warning, if compiling fails.
 
@@ -122,17 +185,18 @@ def _run(formulas, *args):
     global _compile_error
     if _compile_error is None:
         try:
-            return _compiled(formulas)(*args)
+            if formulas not in _compiled:
+                # dynamic=None: each new shape first compiles static kernels; a second batch
+                # size makes torch compile one dynamic-shape kernel instead of one per size
+                _compiled[formulas] = torch.compile(formulas, dynamic=None)
+            return _compiled[formulas](*args)
         except Exception as error:
             if not _is_compile_failure(error):
                 raise
             _compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-            warnings.warn(f"BatchNorm1d(compile=True): torch.compile failed, running the formulas "
+            warnings.warn(f"CompiledBatchNorm1d: torch.compile failed, running the formulas "
                           f"eagerly instead ({_compile_error})", RuntimeWarning, stacklevel=2)
     return formulas(*args)
-
-
-_compile_error: str | None = None  # why torch.compile failed in this process, once it has
 
 
 def _is_compile_failure(error: Exception) -> bool:
@@ -141,13 +205,3 @@ def _is_compile_failure(error: Exception) -> bool:
     from torch._inductor.exc import InductorError
 
     return isinstance(error, (TorchDynamoException, InductorError))
-
-
-@functools.cache
-def _compiled(fn):
-    """torch.compile(fn), made once per process and shared by every layer.
-
-    dynamic=None: each new shape first compiles static kernels; a second batch size makes
-    torch compile one dynamic-shape kernel instead of one per size.
-    """
-    return torch.compile(fn, dynamic=None)

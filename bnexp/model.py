@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bnexp.compiled import CompiledBatchNorm1d
+from bnexp.layers import BatchNorm1d
+
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
@@ -12,16 +15,14 @@ def make_norm(name: str, num_features: int, compile: bool = False, noise: dict |
     """The normalization after a hidden Linear: none -> Identity, custom -> ours, native -> torch's,
     custom_noisy -> ours followed by shifting noise (bnexp/noise.py; `noise` holds its shift, scale, jitter).
 
-    compile=True fuses our layer's training formulas with torch.compile at large inputs
-    (norm.compile, bnexp/compiled.py); the module and
-    its state_dict keys stay the same, so checkpoints interchange with the eager layer.
+    compile=True (norm.compile) picks CompiledBatchNorm1d, which fuses our layer's training
+    formulas with torch.compile at large inputs (bnexp/compiled.py); its parameters and
+    state_dict keys are the same, so checkpoints interchange with the eager layer.
     """
     if name == "none":
         return nn.Identity()
     if name == "custom":
-        from bnexp import layers
-
-        return layers.BatchNorm1d(num_features, compile=compile)
+        return CompiledBatchNorm1d(num_features) if compile else BatchNorm1d(num_features)
     if name == "native":
         return nn.BatchNorm1d(num_features)
     if name == "custom_noisy":

@@ -51,10 +51,10 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
-from bnexp import compiled  # noqa: E402
-from bnexp.layers import BatchNorm1d  # noqa: E402
-from bnexp.runtime import available_cores, wait_policy  # noqa: E402
+from bnexp import compiled
+from bnexp.compiled import CompiledBatchNorm1d
+from bnexp.layers import BatchNorm1d
+from bnexp.runtime import available_cores, wait_policy
 
 LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)
 QUICK_SHAPES = [(8, 4), (32, 16)]
@@ -189,15 +189,14 @@ def layer_row(shape, device, args) -> dict:
 
 
 def compile_numbers(native, x, upstream, args) -> dict:
-    """BatchNorm1d(compile=True) against native, compile warm-up excluded.
+    """CompiledBatchNorm1d against native, compile warm-up excluded.
 
-    Dynamo is reset first so that every shape gets its own static-shape kernels, as a
-    training run with a fixed batch size would. Shapes under 65,536 values run the eager
-    layer here too (that is what compile=True does with them).
+    The compile cache is reset first so that every shape gets its own static-shape kernels,
+    as a training run with a fixed batch size would. Shapes under 65,536 values run the
+    eager layer here too (that is what CompiledBatchNorm1d does with them).
     """
-    torch._dynamo.reset()
-    compiled._compiled.cache_clear()
-    layer = BatchNorm1d(x.shape[1], device=x.device, compile=True)
+    compiled.reset()
+    layer = CompiledBatchNorm1d(x.shape[1], device=x.device)
     step = train_step(layer, x, upstream)
     for _ in range(3):  # compile forward and backward, then settle
         step()
@@ -265,7 +264,7 @@ def dataloader_steps_per_s(steps: int) -> float:
     from torchvision import datasets, transforms
 
     from bnexp.config import PROJECT_ROOT
-    from bnexp.data import ensure_mnist
+    from bnexp.fetch import ensure_mnist
     from bnexp.model import MLP, init_weights
 
     root = Path(os.environ.get("BNEXP_DATA", PROJECT_ROOT / "data"))
@@ -456,9 +455,10 @@ def crossover_worker(shapes, repeats: int, min_time: float) -> list[dict]:
 
 def crossover_process(shapes, policy: str, busy: bool, args) -> list[dict]:
     """crossover_worker in a fresh process with this wait policy, beside a busy loop or not."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
-            "print(json.dumps(bench.crossover_worker(json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))))")
-    argv = [sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(shapes),
+    # the worker is this file's function: load it by path (runpy), without touching sys.path
+    code = ("import json, runpy, sys; bench = runpy.run_path(sys.argv[1]); "
+            "print(json.dumps(bench['crossover_worker'](json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))))")
+    argv = [sys.executable, "-c", code, str(Path(__file__).resolve()), json.dumps(shapes),
             str(args.repeats), str(args.min_time)]
     print(f"threads: {policy} wait, {'beside a busy loop' if busy else 'alone'} ...", file=sys.stderr, flush=True)
     with busy_loop(busy):

@@ -13,15 +13,16 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnexp import compiled, layers
+from bnexp.compiled import CompiledBatchNorm1d
 from bnexp.layers import BatchNorm1d, batch_norm
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "bnexp"
 
 
-def make_pair(num_features, seed=0, **kwargs):
-    """A native and a custom layer with the same random weight and bias (when affine)."""
+def make_pair(num_features, seed=0, cls=BatchNorm1d, **kwargs):
+    """A native and a custom layer (cls) with the same random weight and bias (when affine)."""
     native = torch.nn.BatchNorm1d(num_features, **kwargs)
-    custom = BatchNorm1d(num_features, **kwargs)
+    custom = cls(num_features, **kwargs)
     if native.weight is not None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -146,17 +147,8 @@ def test_in_place_op_on_output_does_not_break_backward():
     assert_close(grads[0], grads[1])
 
 
-@pytest.fixture
-def one_thread():
-    """Run the test with one torch thread: large 2-D inputs then take the row-block path."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("features", [64, 600])  # 1024 x 600 takes the row-block path
-def test_more_accurate_than_native_at_large_batch(features, one_thread):
+@pytest.mark.parametrize("features", [64, 600])
+def test_more_accurate_than_native_at_large_batch(features):
     """At n = 1024 float32 both drift from the float64 truth; ours drifts no more than torch.
 
     This is why the parity tests keep batches small: at large n torch's own float32
@@ -165,7 +157,6 @@ def test_more_accurate_than_native_at_large_batch(features, one_thread):
     torch.manual_seed(0)
     x = torch.randn(1024, features) * 50 + 10
     upstream = torch.randn(1024, features)
-    assert (layers._row_blocks(x) is not None) == (features == 600)
     native, custom = make_pair(features)
     ours, theirs = errors_against_float64([custom, native], x, upstream)
     for mine, torchs in zip(ours, theirs, strict=True):
@@ -186,32 +177,6 @@ def errors_against_float64(pair, x, upstream):
         errors.append([(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [out_t, *grads_t])]
                       + [(layer.running_var.double() - truth.running_var).abs().max().item()])
     return errors
-
-
-def test_row_block_path_equals_whole_tensor_path(one_thread, monkeypatch):
-    """Cache blocking changes only the summation order: float64 results agree."""
-    gen = torch.Generator().manual_seed(0)
-    x = batch((1000, 600), gen, torch.float64, scale=50.0, shift=10.0)  # ragged last block
-    upstream = batch((1000, 600), gen, torch.float64)
-    results = []
-    for block_elements in (layers._BLOCK_ELEMENTS, 1 << 40):
-        monkeypatch.setattr(layers, "_BLOCK_ELEMENTS", block_elements)
-        assert (layers._row_blocks(x) is None) == (block_elements == 1 << 40)
-        _, custom = make_pair(600, dtype=torch.float64)
-        results.append([*forward_and_grads(custom, x, upstream)[1], custom(x), custom.running_var])
-    for got, want in zip(*results, strict=True):
-        assert_close(got, want)
-
-
-@pytest.mark.parametrize("rows", [100, 256, 1000])  # under 2 blocks; whole 128-row blocks; a ragged rest
-def test_blas_channel_sum_equals_torch_sum(rows):
-    """The blocked ones @ t sums (large 2-D inputs) change only the summation order."""
-    x = batch((rows, 700), torch.Generator().manual_seed(rows), torch.float64, scale=50.0, shift=10.0)
-    assert x.numel() >= layers._BLAS_SUM_MIN_ELEMENTS
-    assert_close(layers._channel_sum(x), x.sum(0))
-    errors = [(total.double() - x.sum(0)).abs().max() for total in (layers._channel_sum(x.float()), x.float().sum(0))]
-    assert errors[0] <= 2 * errors[1]  # float32: about as accurate as torch.sum
-    assert_close(layers._channel_sum(x[:, :5]), x[:, :5].sum(0))  # small or strided: torch.sum
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -559,6 +524,40 @@ def test_no_batch_norm_kernel_runs(training):
     assert seen["custom"] == set()
 
 
+# ----------------------------------------------------------------------------- the formulas
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_formulas_with_plain_numbers_match_native(affine):
+    """forward_formulas and backward_formulas called with Python numbers for n and eps (the
+    layer passes cached 0-dim tensors instead): output, batch statistics and gradients."""
+    native, _ = make_pair(5, momentum=1.0, affine=affine)  # momentum 1: running stats = this batch's
+    gen = torch.Generator().manual_seed(0)
+    x, upstream = batch((9, 5), gen, torch.float32, scale=50.0, shift=10.0), batch((9, 5), gen, torch.float32)
+    weight = native.weight.detach() if affine else None
+    bias = native.bias.detach() if affine else None
+    y, centered, inv_std, mean, var = layers.forward_formulas(x, weight, bias, 9, native.eps)
+    grads = layers.backward_formulas(upstream, centered, inv_std, weight, 9, True)
+    out_n, grads_n = forward_and_grads(native, x, upstream)
+    assert_close(y, out_n)
+    assert_close(mean, native.running_mean)
+    assert_close(var * 9 / 8, native.running_var)
+    assert_close(grads[0], grads_n[0])
+    if affine:
+        assert_close(grads[1], grads_n[1])
+        assert_close(grads[2], grads_n[2])
+
+
+def test_layers_module_is_a_leaf():
+    """layers.py imports torch only, nothing from bnexp: the compiled path builds on it, not the reverse."""
+    import ast
+
+    tree = ast.parse((PACKAGE_DIR / "layers.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "functools", "torch", "torch.autograd.function"}
+
+
 # ----------------------------------------------------------------------------- compile path
 
 
@@ -592,30 +591,29 @@ def test_compiled_channel_sum_equals_torch_sum(rows):
 @pytest.fixture()
 def fresh_compile_cache():
     """Forget the compiled formulas, so that the test sees what it compiles itself."""
-    compiled._compiled.cache_clear()
+    compiled.reset()
     yield
-    compiled._compiled.cache_clear()
+    compiled.reset()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(60, 1100), (8, 1024, 8)])  # >= 65,536 values: compiled
 def test_compiled_layer_matches_native(shape, fresh_compile_cache):
-    """BatchNorm1d(compile=True) on inputs large enough to be compiled: train, eval, train.
+    """CompiledBatchNorm1d on inputs large enough to be compiled: train, eval, train.
 
     n = 60 or 64 values per channel, as in the eager parity grid: at hundreds of rows the
     float32 sums of torch's own kernel drift past the default tolerance (the large-batch
     test below compares both with float64 instead).
     """
-    native, custom = make_pair(shape[1], momentum=None)
-    custom.use_compile = True  # what BatchNorm1d(..., compile=True) sets
-    assert BatchNorm1d(5, compile=True).use_compile and callable(custom.compile)
+    native, custom = make_pair(shape[1], cls=CompiledBatchNorm1d, momentum=None)
+    assert isinstance(custom, BatchNorm1d) and callable(custom.compile)  # nn.Module.compile not hidden
     gen = torch.Generator().manual_seed(0)
     for step in range(5):
         custom.train(step != 3), native.train(step != 3)
         x = batch(shape, gen, torch.float32, scale=50.0, shift=10.0)
         assert_step_agrees(custom, native, x, batch(shape, gen, torch.float32))
-    assert compiled._compiled.cache_info().currsize == 2  # forward and backward were compiled
-    assert compiled._compile_error is None  # ... and ran compiled, not the eager fallback
+    assert sorted(compiled.compiled_formulas()) == ["backward_formulas", "forward_formulas"]
+    assert compiled.compile_error() is None  # ... and they ran compiled, not the eager fallback
     x = batch(shape, gen, torch.float32).requires_grad_()
     (grad,) = torch.autograd.grad(custom(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
@@ -628,8 +626,7 @@ def test_compiled_layer_matches_native(shape, fresh_compile_cache):
 ])
 def test_compiled_layer_options_match_native(kwargs):
     """The compiled path without weight, without bias, without running stats, in float64."""
-    native, custom = make_pair(1100, **kwargs)
-    custom.use_compile = True
+    native, custom = make_pair(1100, cls=CompiledBatchNorm1d, **kwargs)
     gen = torch.Generator().manual_seed(0)
     dtype = kwargs.get("dtype", torch.float32)
     for _ in range(2):
@@ -640,8 +637,7 @@ def test_compiled_layer_options_match_native(kwargs):
 @pytest.mark.slow
 def test_compiled_layer_takes_strided_input_and_a_plain_sum(fresh_compile_cache):
     """A transposed (non-contiguous) input, and .sum()'s expanded gradient (all strides 0)."""
-    native, custom = make_pair(1100)
-    custom.use_compile = True
+    native, custom = make_pair(1100, cls=CompiledBatchNorm1d)
     gen = torch.Generator().manual_seed(0)
     x = batch((1100, 60), gen, torch.float32, scale=5.0, shift=2.0).t()
     assert not x.is_contiguous()
@@ -656,10 +652,9 @@ def test_compiled_layer_takes_strided_input_and_a_plain_sum(fresh_compile_cache)
 
 COMPILE_WITHOUT_COMPILER = """
 import warnings, torch
-from bnexp.layers import BatchNorm1d
-from bnexp import compiled
+from bnexp.compiled import CompiledBatchNorm1d
 torch.manual_seed(0)
-native, custom = torch.nn.BatchNorm1d(1100), BatchNorm1d(1100, compile=True)
+native, custom = torch.nn.BatchNorm1d(1100), CompiledBatchNorm1d(1100)
 x = torch.randn(60, 1100) * 5 + 2
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -686,17 +681,22 @@ def test_compile_without_a_compiler_warns_once_and_runs_eagerly(tmp_path):
     result = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_COMPILER], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("1 BatchNorm1d(compile=True): torch.compile failed, running the "
+    assert result.stdout.startswith("1 CompiledBatchNorm1d: torch.compile failed, running the "
                                     "formulas eagerly instead (InductorError: InvalidCxxCompiler")
 
 
 def test_compile_leaves_small_inputs_to_the_eager_path(fresh_compile_cache):
     """Under 65,536 values a compiled call costs more than the eager layer: nothing compiles."""
-    native, custom = make_pair(100)
-    custom.use_compile = True
+    native, custom = make_pair(100, cls=CompiledBatchNorm1d)
     gen = torch.Generator().manual_seed(0)
     assert_step_agrees(custom, native, batch((60, 100), gen, torch.float32), batch((60, 100), gen, torch.float32))
-    assert compiled._compiled.cache_info().currsize == 0
+    assert compiled.compiled_formulas() == []
+
+
+def test_reset_forgets_compiled_formulas_and_compile_failures():
+    """reset() is the public way to start over: nothing compiled, no failure remembered."""
+    compiled.reset()
+    assert compiled.compiled_formulas() == [] and compiled.compile_error() is None
 
 
 @pytest.mark.slow
@@ -705,9 +705,8 @@ def test_compiled_layer_as_accurate_as_native_at_large_batch(fresh_compile_cache
     torch.manual_seed(0)
     x = torch.randn(1024, 600) * 50 + 10
     upstream = torch.randn(1024, 600)
-    native, custom = make_pair(600)
-    custom.use_compile = True
+    native, custom = make_pair(600, cls=CompiledBatchNorm1d)
     ours, theirs = errors_against_float64([custom, native], x, upstream)
-    assert compiled._compiled.cache_info().currsize == 2
+    assert sorted(compiled.compiled_formulas()) == ["backward_formulas", "forward_formulas"]
     for mine, torchs in zip(ours, theirs, strict=True):
         assert mine <= torchs

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from bnexp import layers
+from bnexp.compiled import CompiledBatchNorm1d
 from bnexp.model import MLP, init_weights, make_norm
 
 
@@ -15,10 +16,13 @@ def build(norm, seed=0, widths=(8, 6)):
 
 
 def test_make_norm_picks_each_variant():
-    """none -> Identity, custom -> ours, native -> torch's; anything else is refused by name."""
+    """none -> Identity, custom -> ours (compiled with compile=True), native -> torch's; else refused."""
     assert isinstance(make_norm("none", 4), nn.Identity)
     assert type(make_norm("custom", 4)) is layers.BatchNorm1d
     assert type(make_norm("native", 4)) is nn.BatchNorm1d
+    compiled_norm = make_norm("custom", 4, compile=True)  # norm.compile=true
+    assert type(compiled_norm) is CompiledBatchNorm1d and isinstance(compiled_norm, layers.BatchNorm1d)
+    assert compiled_norm.state_dict().keys() == make_norm("native", 4).state_dict().keys()
     with pytest.raises(ValueError, match="norm='group' is not known"):
         make_norm("group", 4)
 

@@ -97,7 +97,7 @@ def test_noisy_run_logs_bn_tags_and_differs_from_custom(tiny_mnist, tmp_path):
     noisy = train(tiny_config(tiny_mnist, "norm=custom_noisy"), tmp_path / "noisy", progress="quiet")
     plain = train(tiny_config(tiny_mnist, "norm=custom"), tmp_path / "custom", progress="quiet")
     assert noisy["status"] == "completed" and noisy["final"]["test_acc"] > 0.3
-    assert "bn/layer2/running_var" in read_scalars(tmp_path / "noisy").Tags()["scalars"]
+    assert "bn/layer2/running_var_avg" in read_scalars(tmp_path / "noisy").Tags()["scalars"]
     assert noisy["final"]["train_loss"] != plain["final"]["train_loss"]
 
 
