@@ -95,6 +95,11 @@ def main(hydra_cfg: DictConfig) -> float:
             print(f"Resume with:\n  {resume_command(run_dir)}", file=sys.stderr)
         sys.exit(128 + stop.signum)
     report_job(summary)
+    return objective(summary)
+
+
+def objective(summary: dict) -> float:
+    """The sweep objective of a finished run: its final val accuracy; diverged (or NaN) scores POOR_OBJECTIVE."""
     val_acc = summary["final"]["val_acc"]
     return val_acc if summary["status"] == "completed" and val_acc == val_acc else POOR_OBJECTIVE
 

@@ -115,6 +115,9 @@ def register_configs() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
+    from hydra_plugins.bnexp_batched_launcher.batched_launcher import register
+
+    register()  # hydra/launcher=batched, also where Hydra's plugin scan cannot see it
     cs = ConfigStore.instance()
     cs.store(name="bnexp_schema", node=Config)
     cs.store(group="norm", name="norm_schema", node=NormConfig)

@@ -319,13 +319,17 @@ class Run:
             p.loss_sum += value
             p.loss_count += 1
 
+    def measure(self) -> dict[str, float]:
+        """Validation and test loss and accuracy of the model as it is now (a batched group
+        measures all its members at once and overrides this, bnexp/group.py)."""
+        val_loss, val_acc = evaluate(self.model, self.data.val_x, self.data.val_y)
+        test_loss, test_acc = evaluate(self.model, self.data.test_x, self.data.test_y)
+        return {"val/loss": val_loss, "val/acc": val_acc, "test/loss": test_loss, "test/acc": test_acc}
+
     def evaluate_all(self) -> dict:
         """Full val and test evaluation, BN running stats and activation percentiles to TensorBoard."""
         step = self.progress.step
-        val_loss, val_acc = evaluate(self.model, self.data.val_x, self.data.val_y)
-        test_loss, test_acc = evaluate(self.model, self.data.test_x, self.data.test_y)
-        record = {"step": step, "val/loss": val_loss, "val/acc": val_acc,
-                  "test/loss": test_loss, "test/acc": test_acc}
+        record = {"step": step, **self.measure()}
         if self.cfg.probe.train_mode_acc:  # BN's train/eval gap: the test set with batch statistics
             record["test/acc_train_mode"] = train_mode_accuracy(
                 self.model, self.data.test_x, self.data.test_y, self.cfg.train.batch_size)

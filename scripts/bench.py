@@ -9,6 +9,8 @@ training loop vs a pytorch/examples-style DataLoader pipeline.
     python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
     python scripts/bench.py --sections layer --steady-malloc # freed memory stays mapped: no page faults
     python scripts/bench.py --sections threads load --repeats 3   # threads under load: quiet machine, ~15 min
+    python scripts/bench.py --sections sweep                 # experiment=convergence: batched vs joblib launcher
+    python scripts/bench.py --sections sweep --quick         # the same, tiny budgets (smoke test)
 
 Each section is a function `bench_<name>(args) -> list of row dicts`, registered in
 SECTIONS; main() runs the sections asked for, prints one table per section and the
@@ -582,9 +584,105 @@ LOAD_COLUMNS = [
 ]
 
 
+# ----------------------------------------------------------------------------- sweep
+
+SWEEP_KS = (1, 5, 15, 25, 75)  # members per group for the model-steps/s curve
+QUICK_SWEEP = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=40", "optim.lr=0.1,1.0", "seed=0",
+               "model.widths=[32,32]"]  # 6 small runs
+
+
+# the launchers compared: experiment=convergence's own joblib (one job per core), and the batched
+# launcher as the experiment configures it (n_jobs=-1: one group process per core), in one
+# process with every core, and with groups of 13 (six groups: three rounds of two processes)
+SWEEP_LAUNCHERS = {
+    "joblib": ["hydra/launcher=joblib"],
+    "batched": ["hydra/launcher=batched"],
+    "batched, n_jobs=1": ["hydra/launcher=batched", "hydra.launcher.n_jobs=1"],
+    "batched, max_batch=13": ["hydra/launcher=batched", "hydra.launcher.max_batch=13"],
+}
+
+
+def sweep_wall_s(launcher: list[str], extra: list[str]) -> tuple[float, int]:
+    """Wall time of `scripts/train.py -m experiment=convergence` with one launcher, from start to
+    exit (process start, data loading, training, evaluation, logging: what a user waits for),
+    and the number of runs that completed."""
+    import subprocess
+    import tempfile
+    import time
+
+    script = Path(__file__).resolve().parent / "train.py"
+    with tempfile.TemporaryDirectory() as sweep:
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, str(script), "-m", "experiment=convergence", *launcher,
+                                 f"hydra.sweep.dir={sweep}", *extra], capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"error: the sweep with {' '.join(launcher)} failed:\n{result.stderr[-2000:]}")
+        done = sum(json.loads(p.read_text())["status"] == "completed" for p in Path(sweep).glob("*/summary.json"))
+    return wall, done
+
+
+def group_model_steps_per_s(k: int, steps: int, device: str) -> float:
+    """Training throughput of one group of k convergence runs (norm=custom, five learning rates,
+    seeds 0..): model-steps per second of training time, evaluation excluded (one at the end).
+    k = 1 is the solo path itself, the baseline."""
+    import tempfile
+
+    from bnexp.group import MemberSpec, train_group
+
+    lrs = (0.1, 0.3, 1.0, 3.0, 10.0)
+    cfgs = [_compose(["experiment=convergence", "norm=custom", f"optim.lr={lrs[i % 5]}", f"seed={i // 5}",
+                      f"train.steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
+                      "train.tensorboard=false", f"device={device}"]) for i in range(k)]
+    with tempfile.TemporaryDirectory() as root:
+        outcomes = train_group([MemberSpec(c, Path(root) / str(i)) for i, c in enumerate(cfgs)])
+    return k * outcomes[0].summary["train_steps_per_s"]
+
+
+def bench_sweep(args) -> list[dict]:
+    """experiment=convergence through each of SWEEP_LAUNCHERS (--quick: joblib and batched, tiny
+    budgets), their order rotating per repeat; then the model-steps/s curve of one group for
+    K = 1, 5, 15, 25, 75 on each device, with --threads threads."""
+    extra = QUICK_SWEEP if args.quick else []
+    names = ["joblib", "batched"] if args.quick else list(SWEEP_LAUNCHERS)
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    runs = {}
+    for repeat in range(args.sweep_repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            print(f"sweep: {name} (repeat {repeat + 1}) ...", file=sys.stderr, flush=True)
+            wall, runs[name] = sweep_wall_s(SWEEP_LAUNCHERS[name], extra)
+            walls[name].append(wall)
+    rows = [{"what": f"experiment=convergence, {name} ({runs[name]} runs completed)",
+             "wall_s": round(statistics.median(walls[name]), 1)} for name in names]
+    rows += [paired(f"joblib / {name} wall time (target >= 2.5, aim 4)", walls["joblib"], walls[name], 2)
+             for name in names if name != "joblib"]
+    torch.set_num_threads(args.threads)
+    steps = 20 if args.quick else 300
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        base = None
+        for k in SWEEP_KS:
+            print(f"group of {k} on {device} ...", file=sys.stderr, flush=True)
+            rate = group_model_steps_per_s(k, steps, device)
+            base = base or rate
+            rows.append({"what": f"{device}: group of K={k}", "model_steps_per_s": round(rate, 1),
+                         "ratio": round(rate / base, 2)})
+    return rows
+
+
+SWEEP_COLUMNS = [
+    ("what", "what", "{}"),
+    ("wall_s", "wall s", "{:.1f}"),
+    ("model_steps_per_s", "model-steps/s", "{:.1f}"),
+    ("ratio", "ratio", "{}"),
+    ("range", "range over repeats", "{}"),
+]
+
+
 SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "training": (bench_training, TRAINING_COLUMNS),
             "threads": (bench_threads, THREADS_COLUMNS), "load": (bench_load, LOAD_COLUMNS),
-            "probes": (bench_probes, TRAINING_COLUMNS)}
+            "probes": (bench_probes, TRAINING_COLUMNS),
+            "sweep": (bench_sweep, SWEEP_COLUMNS)}
 
 
 # ----------------------------------------------------------------------------- output
@@ -613,6 +711,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # training first: its harness timings are the most sensitive to what the process did before
     # (the layer section allocates GBs and compiles kernels)
     parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=["training", "probes", "layer"])
+    parser.add_argument("--sweep-repeats", type=int, default=1,
+                        help="repeats of the two convergence sweeps (sweep section; each pair takes minutes)")
     parser.add_argument("--steady-malloc", action="store_true",
                         help="keep freed memory mapped (glibc mallopt): times without page faults")
     parser.add_argument("--load-steps", type=int, default=None,
@@ -625,9 +725,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.min_time = 0.01 if args.quick else 0.2
     if args.compile is None:
         args.compile = not args.quick
-    if args.threads < 1 or args.repeats < 1 or args.min_time <= 0:
-        parser.error(f"--threads and --repeats must be >= 1 and --min-time > 0 "
-                     f"(got {args.threads}, {args.repeats}, {args.min_time})")
+    if args.threads < 1 or args.repeats < 1 or args.min_time <= 0 or args.sweep_repeats < 1:
+        parser.error(f"--threads and --repeats must be >= 1 and --min-time > 0, --sweep-repeats >= 1 "
+                     f"(got {args.threads}, {args.repeats}, {args.min_time}, {args.sweep_repeats})")
     if args.load_steps is not None and args.load_steps < 1:
         parser.error(f"--load-steps must be >= 1 (got {args.load_steps})")
     return args

@@ -102,3 +102,22 @@ def test_bench_load_section_runs_default_runs(tmp_path):
     assert rows["auto"]["log"].startswith("1 (auto: 1, 1.5M multiply-adds per op < crossover")
     assert rows["2"]["log"] == "2 (threads=2 as given; OMP_WAIT_POLICY=PASSIVE)"
     assert rows["2, spin (the old default)"]["log"] == "2 (threads=2 as given; GOMP_SPINCOUNT=300000)"
+
+
+@pytest.mark.slow
+def test_bench_sweep_section_runs_both_launchers_and_the_k_curve(tmp_path):
+    """--sections sweep --quick: a tiny convergence sweep with joblib and with the batched
+    launcher (every run completes), and the model-steps/s curve for every K."""
+    out = tmp_path / "sweep.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--sections", "sweep", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {row["what"]: row for row in json.loads(out.read_text())["sweep"]}
+    for name in ("joblib", "batched"):
+        assert rows[f"experiment=convergence, {name} (6 runs completed)"]["wall_s"] > 0
+    assert rows["joblib / batched wall time (target >= 2.5, aim 4)"]["ratio"] > 0
+    for k in (1, 5, 15, 25, 75):
+        assert rows[f"cpu: group of K={k}"]["model_steps_per_s"] > 0
+    assert rows["cpu: group of K=1"]["ratio"] == 1.0

@@ -1,0 +1,296 @@
+"""What `hydra/launcher=batched` does with a sweep's jobs, in three steps.
+
+1. Prepare: every job goes through Hydra's own `run_job`, as with any launcher, with a task
+   that only validates its config and notes its run dir: Hydra makes the dir, `.hydra/` and
+   the job's log exactly as for a solo job. A bad value fails here, before any training.
+2. Train: jobs whose configs differ only in what a member may keep for itself
+   (bnexp.group.MEMBER_KEYS) form groups of at most `max_batch`; each group trains as one
+   vectorized model (bnexp.group.train_group) in this process, in worker processes
+   (`n_jobs`), or as submitit jobs (`executor=local|slurm`).
+3. Report: every job goes through `run_job` again, now with the real callbacks, with a task
+   that logs the job's one `done ...` line and returns its sweep objective, as bnexp.cli does.
+
+A signal (Ctrl-C, SIGTERM) makes every running group checkpoint its members; the launcher
+then prints the command that resumes the sweep (the same command with this sweep's dir) and
+exits 128 + the signal number. Run again, completed runs return their results untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from hydra._internal.callbacks import Callbacks  # an empty one: Hydra has no public constructor
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import bnexp
+from bnexp import cli
+from bnexp.config import Config, ConfigError, to_config
+from bnexp.group import (USER_ERRORS, GroupJob, MemberSpec, Outcome, make_groups, outcomes_path,
+                         read_outcomes, train_group, write_request)
+from bnexp.runtime import available_cores, resolve_threads
+from bnexp.train import StopFlag
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("none", "local", "slurm")
+POLL_S = 0.2  # how often the launcher looks at its worker processes
+
+
+@dataclass
+class Job:
+    """One job of the sweep: its index, its Hydra config and what its group needs."""
+
+    idx: int
+    config: DictConfig
+    spec: MemberSpec
+
+
+def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    """Prepare, group, train and report the jobs of one batch of the sweep; one JobReturn each."""
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    try:
+        check_settings(launcher)
+    except ConfigError as exc:
+        cli.fail(str(exc))
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [prepare(launcher, initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+    try:
+        check_distinct_dirs(jobs)
+        groups = make_groups([job.spec.cfg for job in jobs], launcher.max_batch)
+    except ConfigError as exc:
+        cli.fail(str(exc))
+    returns: dict[int, JobReturn] = {}
+    finished: dict[int, Outcome] = {}
+    stop = StopFlag()
+    for group, outcomes, threads in train_groups(launcher, jobs, groups, sweep_dir, stop):
+        for i, outcome in zip(group, outcomes):
+            finished[i] = outcome
+            if outcome.error is None and outcome.signum is None:
+                returns[i] = report(launcher, jobs[i], outcome, len(group), threads)
+    stop_if_unfinished(jobs, finished, sweep_dir, stop.signum)
+    return [returns[i] for i in range(len(jobs))]
+
+
+# -- 1. prepare -----------------------------------------------------------------------------
+
+
+def prepare(launcher, idx: int, overrides: Sequence[str]) -> Job:
+    """Hydra's run_job for one job with a task that validates its config and notes its run dir."""
+    config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+    with open_dict(config):
+        config.hydra.job.id = idx
+        config.hydra.job.num = idx
+    log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+    seen = {}
+
+    def note(task_cfg: DictConfig) -> None:
+        try:
+            seen["cfg"] = to_config(task_cfg)
+        except USER_ERRORS as exc:
+            cli.fail(str(exc))
+        hydra = HydraConfig.get()
+        seen["run_dir"] = Path(hydra.runtime.output_dir)
+        log_file = OmegaConf.select(hydra, "job_logging.handlers.file.filename", default=None)
+        seen["log_file"] = None if log_file is None else Path(log_file)
+
+    # callbacks see each job once, in step 3, when it has its result
+    quiet = HydraContext(config_loader=launcher.hydra_context.config_loader, callbacks=Callbacks())
+    ret = run_job(hydra_context=quiet, task_function=note, config=config,
+                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    # back to the sweep's console logging: this job's log file must not collect other lines
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    ret.return_value  # noqa: B018 -- re-raises what the task raised (a bug, not a user error)
+    return Job(idx, config, MemberSpec(seen["cfg"], seen["run_dir"], seen["log_file"]))
+
+
+def check_settings(launcher) -> None:
+    if launcher.executor not in EXECUTORS:
+        raise ConfigError(f"hydra.launcher.executor={launcher.executor!r} is not allowed: "
+                          f"one of {', '.join(EXECUTORS)}")
+    if not (launcher.n_jobs == -1 or launcher.n_jobs >= 1):
+        raise ConfigError(f"hydra.launcher.n_jobs={launcher.n_jobs!r} is not allowed: "
+                          "an integer >= 1, or -1 for one group process per core")
+
+
+def check_distinct_dirs(jobs: list[Job]) -> None:
+    """Two jobs in one dir would train into each other's files: refuse, naming the dir."""
+    seen: dict[Path, int] = {}
+    for job in jobs:
+        other = seen.setdefault(job.spec.run_dir, job.idx)
+        if other != job.idx:
+            raise ConfigError(f"jobs #{other} and #{job.idx} of this sweep have the same run dir "
+                              f"{job.spec.run_dir}: give them different overrides or hydra.sweep.subdir")
+
+
+# -- 2. train -------------------------------------------------------------------------------
+
+
+def train_groups(launcher, jobs: list[Job], groups: list[list[int]], sweep_dir: Path,
+                 stop: StopFlag) -> Iterator[tuple[list[int], list[Outcome], int]]:
+    """Train every group where the settings say; yield (job indices, outcomes, torch threads) as
+    groups finish. `stop` catches SIGINT/SIGTERM while no group holds them (between groups)."""
+    parallel = _parallel(launcher, len(groups))
+    threads = [_threads(launcher, jobs[group[0]].spec.cfg, parallel) for group in groups]
+    sizes = ", ".join(str(len(g)) for g in groups)
+    where = {"none": f"{parallel} at a time " + ("in this process" if parallel == 1 else "in worker processes"),
+             "local": "as submitit jobs on this machine", "slurm": "as SLURM jobs (submitit)"}[launcher.executor]
+    log.info("batched launcher: %d jobs in %d group%s (%s; max_batch %d), %s, torch threads %s",
+             len(jobs), len(groups), "" if len(groups) == 1 else "s", sizes, launcher.max_batch, where,
+             "/".join(sorted({str(t) for t in threads})))
+    specs = [[jobs[i].spec for i in group] for group in groups]
+    with stop:
+        if launcher.executor != "none":
+            results = _submitit(launcher, specs, threads)
+        elif parallel == 1:
+            results = _in_this_process(specs, threads, stop)
+        else:
+            results = _in_workers(specs, threads, parallel, sweep_dir / ".batched", stop)
+        for g, outcomes in results:
+            yield groups[g], outcomes, threads[g]
+
+
+def _parallel(launcher, n_groups: int) -> int:
+    """Group processes at once on this machine (executor=none)."""
+    n = available_cores() if launcher.n_jobs == -1 else launcher.n_jobs
+    return max(1, min(n, n_groups))
+
+
+def _threads(launcher, cfg: Config, parallel: int) -> int:
+    """torch threads of a group's process: threads=auto shares the cores among the processes
+    that run at once (n_jobs x threads <= cores), or takes the job's cpus_per_task."""
+    if launcher.executor != "none":
+        auto = launcher.submitit.get("cpus_per_task") or 1
+    else:
+        auto = max(1, available_cores() // parallel)
+    return resolve_threads(cfg.threads, auto)
+
+
+def _in_this_process(specs, threads, stop: StopFlag) -> Iterator[tuple[int, list[Outcome]]]:
+    """One group after another; after a signal no further group starts. (A group holds the
+    signals itself while it trains, so `stop` sees only those that come between groups.)"""
+    for g, (group, n) in enumerate(zip(specs, threads)):
+        if stop.signum is not None:
+            return
+        outcomes = train_group(group, n)
+        yield g, outcomes
+        if any(o.signum is not None for o in outcomes):
+            return
+
+
+def _in_workers(specs, threads, parallel: int, folder: Path,
+                stop: StopFlag) -> Iterator[tuple[int, list[Outcome]]]:
+    """At most `parallel` groups at once, each in a fresh Python process (bnexp.group.worker_main).
+
+    A signal to the launcher goes on to every worker, which checkpoints its members; no new
+    worker starts after one. A worker that dies without writing its outcomes is an error.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    pending, running = list(range(len(specs))), {}
+    root = str(Path(bnexp.__file__).resolve().parents[1])  # a worker imports the bnexp this process runs
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from bnexp.group import worker_main; worker_main(sys.argv[2])")
+    forwarded = False
+    while pending or running:
+        while pending and len(running) < parallel and stop.signum is None:
+            g = pending.pop(0)
+            request = folder / f"group-{g}.pkl"
+            outcomes_path(request).unlink(missing_ok=True)
+            write_request(request, specs[g], threads[g])
+            running[g] = (subprocess.Popen([sys.executable, "-c", code, root, str(request)]), request)
+        if stop.signum is not None and not forwarded:
+            for proc, _ in running.values():
+                proc.send_signal(stop.signum)
+            forwarded = True
+        for g, (proc, request) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[g]
+            result = outcomes_path(request)
+            if result.exists():
+                yield g, read_outcomes(result)
+                result.unlink()
+                request.unlink()
+            elif stop.signum is None:
+                raise RuntimeError(f"the worker of group {g} ({len(specs[g])} runs) exited with "
+                                   f"code {proc.returncode} and no results; its output is above")
+        time.sleep(POLL_S)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if empty: requests of groups that did not finish stay for a look
+
+
+def make_executor(launcher):
+    """The submitit executor of `executor=local|slurm` with the launcher's job parameters."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=launcher.submitit_folder, cluster=launcher.executor,
+                                     slurm_max_num_timeout=launcher.max_num_timeout)
+    executor.update_parameters(**{"name": "bnexp-batched", **launcher.submitit})
+    return executor
+
+
+def _submitit(launcher, specs, threads) -> Iterator[tuple[int, list[Outcome]]]:
+    """Each group as one submitit job (an array of them on SLURM); results in group order."""
+    executor = make_executor(launcher)
+    with executor.batch():
+        jobs = [executor.submit(GroupJob(), group, n) for group, n in zip(specs, threads)]
+    for job in jobs:
+        log.info("group job %s submitted", job.job_id)
+    for g, job in enumerate(jobs):
+        yield g, job.result()
+
+
+# -- 3. report ------------------------------------------------------------------------------
+
+
+def report(launcher, job: Job, outcome: Outcome, group_size: int, threads: int) -> JobReturn:
+    """Hydra's run_job again, with the real callbacks: the done line, the sweep objective."""
+
+    def done(task_cfg: DictConfig) -> float:
+        log.info("torch threads: %d (trained in a batched group of %d)", threads, group_size)
+        cli.report_job(outcome.summary)
+        return cli.objective(outcome.summary)
+
+    ret = run_job(hydra_context=launcher.hydra_context, task_function=done, config=job.config,
+                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    return ret
+
+
+def stop_if_unfinished(jobs: list[Job], finished: dict[int, Outcome], sweep_dir: Path,
+                       signum: int | None) -> None:
+    """User errors: one line each, exit 2. Interrupted or never started: the resume command,
+    exit 128 + signal."""
+    errors = sorted({o.error for o in finished.values() if o.error is not None})
+    if errors:
+        for error in errors:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    stopped = [o for o in finished.values() if o.signum is not None]
+    missing = len(jobs) - len(finished)
+    if not stopped and not missing:
+        return
+    signum = stopped[0].signum if stopped else signum or 2
+    print(f"interrupted: {len(stopped)} runs checkpointed, {missing} not started, "
+          f"{len(finished) - len(stopped)} finished (kept). Resume with:\n"
+          f"  {sweep_resume_command(sweep_dir)}", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def sweep_resume_command(sweep_dir: Path) -> str:
+    """This sweep's command line with its sweep dir: completed runs are kept, the others resume."""
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
+    return shlex.join([sys.executable, sys.argv[0], *args, f"hydra.sweep.dir={os.path.abspath(sweep_dir)}"])
