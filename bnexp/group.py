@@ -43,7 +43,8 @@ from bnexp.checkpoint import CheckpointError
 from bnexp.config import Config, ConfigError, flatten
 from bnexp.data import MNIST, DataError
 from bnexp.runtime import set_threads
-from bnexp.train import Run, RunInterrupted, StopFlag, boundaries, train
+from bnexp.train import (Run, RunInterrupted, StopFlag, is_checkpoint_point, is_eval_point, run_status,
+                         run_summary, segment_ends, train)
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,36 @@ def group_key(cfg: Config) -> tuple:
     return tuple(sorted((k, v) for k, v in flatten(cfg).items() if k not in MEMBER_KEYS))
 
 
+def solo_reason(cfg: Config) -> str | None:
+    """Why this run cannot share a group and trains alone, or None when it can.
+
+    BatchedMLP has no noisy norm and only the norm before the nonlinearity; the group's step
+    takes no probe steps (they need each member's own loss landscape, bnexp/probes.py).
+    """
+    if cfg.probe.every > 0:
+        return f"probe.every={cfg.probe.every} (the batched step takes no probe steps)"
+    if cfg.norm.name == "custom_noisy":
+        return "norm=custom_noisy (no batched noisy norm)"
+    if cfg.norm.position != "before" and cfg.norm.name != "none":
+        return f"norm.position={cfg.norm.position} (the batched model has the norm before the nonlinearity only)"
+    return None
+
+
 def make_groups(cfgs: list[Config], max_batch: int) -> list[list[int]]:
     """Indices of cfgs in groups of compatible runs, each of at most max_batch, in job order.
 
     A class of n compatible runs becomes ceil(n / max_batch) groups of near-equal size
-    (26 runs with max_batch 25: 13 + 13, not 25 + 1). A group of one is a solo run.
+    (26 runs with max_batch 25: 13 + 13, not 25 + 1). A group of one is a solo run, and so is
+    every run with a solo_reason (logged).
     """
     if max_batch < 1:
         raise ConfigError(f"hydra.launcher.max_batch={max_batch!r} is not allowed: an integer >= 1")
     classes: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        classes.setdefault(group_key(cfg), []).append(i)
+        reason = solo_reason(cfg)
+        if reason is not None:
+            log.info("job #%d runs alone: %s", i, reason)
+        classes.setdefault(group_key(cfg) if reason is None else ("solo", i), []).append(i)
     groups = []
     for members in classes.values():
         count = math.ceil(len(members) / max_batch)
@@ -209,7 +229,7 @@ class Group:
         self.model = BatchedMLP(self.size, m.widths, m.activation, self.cfg.norm.name,
                                 self.cfg.norm.compile).to(self.device)
         self.optimizer = stacked_optimizer(self.model.parameter_stacks(), [m.optimizer for m in self.members])
-        self.state = [DONE if m.progress.status in ("completed", "diverged") else WAITING
+        self.state = [DONE if run_status(m.progress, self.cfg.train.steps) in ("completed", "diverged") else WAITING
                       for m in self.members]
         self.step = min((m.progress.step for m, s in zip(self.members, self.state) if s == WAITING),
                         default=self.cfg.train.steps)
@@ -297,7 +317,7 @@ class Group:
             with self.logs.to(k):
                 member.record_losses(values[k])
             p.wall_s = now - member.wall_start
-            if p.status == "diverged":
+            if p.diverged_at_step is not None:  # run_status: diverged
                 diverged.append(k)
         return diverged
 
@@ -331,11 +351,11 @@ class Group:
             member = self.members[k]
             with self.logs.to(k):
                 log.info("%s already %s at step %d: nothing to do", member.run_dir,
-                         member.progress.status, member.progress.step)
+                         run_status(member.progress, self.cfg.train.steps), member.progress.step)
             member.monitor.close()
-            outcomes[k] = Outcome(member.summary())
-        is_eval, is_checkpoint, next_boundary = boundaries(self.cfg)
-        steps = self.cfg.train.steps
+            outcomes[k] = Outcome(run_summary(member.progress, member.cfg))
+        t = self.cfg.train
+        steps = t.steps
         start = time.perf_counter()
         for member in self.members:
             member.wall_start = start - member.progress.wall_s
@@ -350,17 +370,17 @@ class Group:
                     self.step = min(due)
                     self.activate_due()
                     continue
-                end = min([next_boundary(self.step), *due])
+                end = min([next(segment_ends(self.step, t)), *due])
                 done, values, seconds = self.run_segment(end, stop)
                 self.step += done
                 for k in self.record(done, values, seconds):
                     outcomes[k] = self.finish(k, None)
                 if stop.signum is not None:
                     break
-                if is_eval(self.step):
+                if is_eval_point(self.step, t):
                     self.evaluate(self.slots(TRAINING))
                     self.report_progress(start)
-                if is_checkpoint(self.step) and self.step < steps:  # the last one is finish's
+                if is_checkpoint_point(self.step, t) and self.step < steps:  # the last one is finish's
                     self.checkpoint(self.slots(TRAINING))
                 for k in self.slots(TRAINING):  # see Run.fit: events written here, not mid-segment
                     self.members[k].monitor.flush()

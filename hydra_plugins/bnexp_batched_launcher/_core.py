@@ -39,7 +39,7 @@ from bnexp import cli
 from bnexp.config import Config, ConfigError, to_config
 from bnexp.group import (USER_ERRORS, GroupJob, MemberSpec, Outcome, make_groups, outcomes_path,
                          read_outcomes, train_group, write_request)
-from bnexp.runtime import available_cores, resolve_threads
+from bnexp.runtime import ThreadChoice, available_cores, choose_threads, cores_per_job, work_per_op
 from bnexp.train import StopFlag
 
 log = logging.getLogger(__name__)
@@ -140,17 +140,20 @@ def check_distinct_dirs(jobs: list[Job]) -> None:
 
 
 def train_groups(launcher, jobs: list[Job], groups: list[list[int]], sweep_dir: Path,
-                 stop: StopFlag) -> Iterator[tuple[list[int], list[Outcome], int]]:
-    """Train every group where the settings say; yield (job indices, outcomes, torch threads) as
+                 stop: StopFlag) -> Iterator[tuple[list[int], list[Outcome], ThreadChoice]]:
+    """Train every group where the settings say; yield (job indices, outcomes, thread choice) as
     groups finish. `stop` catches SIGINT/SIGTERM while no group holds them (between groups)."""
     parallel = _parallel(launcher, len(groups))
-    threads = [_threads(launcher, jobs[group[0]].spec.cfg, parallel) for group in groups]
+    choices = [_threads(launcher, [jobs[i].spec.cfg for i in group], parallel) for group in groups]
+    threads = [choice.threads for choice in choices]
     sizes = ", ".join(str(len(g)) for g in groups)
     where = {"none": f"{parallel} at a time " + ("in this process" if parallel == 1 else "in worker processes"),
              "local": "as submitit jobs on this machine", "slurm": "as SLURM jobs (submitit)"}[launcher.executor]
     log.info("batched launcher: %d jobs in %d group%s (%s; max_batch %d), %s, torch threads %s",
              len(jobs), len(groups), "" if len(groups) == 1 else "s", sizes, launcher.max_batch, where,
              "/".join(sorted({str(t) for t in threads})))
+    for why in sorted({choice.why for choice in choices}):  # as bnexp.cli.main logs a solo job's
+        log.info("torch threads: %d (%s)", next(c.threads for c in choices if c.why == why), why)
     specs = [[jobs[i].spec for i in group] for group in groups]
     with stop:
         if launcher.executor != "none":
@@ -160,7 +163,7 @@ def train_groups(launcher, jobs: list[Job], groups: list[list[int]], sweep_dir: 
         else:
             results = _in_workers(specs, threads, parallel, sweep_dir / ".batched", stop)
         for g, outcomes in results:
-            yield groups[g], outcomes, threads[g]
+            yield groups[g], outcomes, choices[g]
 
 
 def _parallel(launcher, n_groups: int) -> int:
@@ -169,14 +172,22 @@ def _parallel(launcher, n_groups: int) -> int:
     return max(1, min(n, n_groups))
 
 
-def _threads(launcher, cfg: Config, parallel: int) -> int:
-    """torch threads of a group's process: threads=auto shares the cores among the processes
-    that run at once (n_jobs x threads <= cores), or takes the job's cpus_per_task."""
+def _threads(launcher, cfgs: list[Config], parallel: int) -> ThreadChoice:
+    """torch threads of a group's process, chosen as for a solo job (bnexp.runtime.choose_threads).
+
+    The cores: the processes that run at once share them (n_jobs x threads <= cores), or the
+    group takes its job's cpus_per_task. The work: each op of a group of K is one batched op
+    over the K members, K times a member's work per op (what its threads have to share).
+    """
+    cfg = cfgs[0]
     if launcher.executor != "none":
-        auto = launcher.submitit.get("cpus_per_task") or 1
+        cores = launcher.submitit.get("cpus_per_task") or 1
+        why = f"submitit cpus_per_task={cores}"
     else:
-        auto = max(1, available_cores() // parallel)
-    return resolve_threads(cfg.threads, auto)
+        cores = cores_per_job(parallel)
+        why = f"batched launcher runs {parallel} group{'s' if parallel > 1 else ''} at once on {available_cores()} cores"
+    work = len(cfgs) * work_per_op(cfg.model.widths, cfg.train.batch_size)
+    return choose_threads(cfg.threads, work, cores, why)
 
 
 def _in_this_process(specs, threads, stop: StopFlag) -> Iterator[tuple[int, list[Outcome]]]:
@@ -256,11 +267,12 @@ def _submitit(launcher, specs, threads) -> Iterator[tuple[int, list[Outcome]]]:
 # -- 3. report ------------------------------------------------------------------------------
 
 
-def report(launcher, job: Job, outcome: Outcome, group_size: int, threads: int) -> JobReturn:
+def report(launcher, job: Job, outcome: Outcome, group_size: int, threads: ThreadChoice) -> JobReturn:
     """Hydra's run_job again, with the real callbacks: the done line, the sweep objective."""
 
     def done(task_cfg: DictConfig) -> float:
-        log.info("torch threads: %d (trained in a batched group of %d)", threads, group_size)
+        log.info("torch threads: %d (%s; trained in a batched group of %d)", threads.threads, threads.why,
+                 group_size)
         cli.report_job(outcome.summary)
         return cli.objective(outcome.summary)
 
