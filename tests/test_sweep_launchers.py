@@ -103,7 +103,8 @@ def test_batched_sweep_runs_are_runs_of_their_own(tiny_mnist, tmp_path):
         events.Reload()
         assert set(events.Tags()["scalars"]) == expected_scalar_tags(2, summary["norm"])
         log = (run / "train.log").read_text()
-        assert "torch threads: 1 (trained in a batched group of 2)" in log and "done completed" in log
+        assert "torch threads: 1 (auto: 1, " in log and "batched launcher runs 2 groups at once" in log
+        assert "trained in a batched group of 2)" in log and "done completed" in log
         assert log.count("done completed") == 1  # no other job's lines
     assert not (sweep / ".batched").exists()
 
