@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnexp.group import Member, MemberSpec, group_key, make_groups, train_group
+from bnexp.group import Member, MemberSpec, group_key, make_groups, solo_reason, train_group
 from bnexp.train import train
 from conftest import tiny_config
 
@@ -171,6 +171,23 @@ def test_groups_share_everything_but_member_keys(tiny_mnist):
     cfgs = [base] * 5 + [tiny_config(tiny_mnist, "norm=none")] + [base] * 2
     assert make_groups(cfgs, max_batch=3) == [[0, 1, 2], [3, 4], [6, 7], [5]]
     assert make_groups(cfgs, max_batch=25) == [[0, 1, 2, 3, 4, 6, 7], [5]]
+
+
+
+def test_runs_the_batched_model_cannot_hold_train_alone(tiny_mnist):
+    """Probes, the noisy norm and a norm after the nonlinearity have no batched form: each such
+    run is a group of one (a plain solo run), even beside runs it would otherwise share with."""
+    base = tiny_config(tiny_mnist, "norm=custom")
+    assert solo_reason(base) is None
+    assert solo_reason(tiny_config(tiny_mnist, "norm=none", "norm.position=after")) is None  # no norm to place
+    alone = [tiny_config(tiny_mnist, "norm=custom", "probe.every=5"),
+             tiny_config(tiny_mnist, "norm=custom_noisy"),
+             tiny_config(tiny_mnist, "norm=custom", "norm.position=after")]
+    for cfg, word in zip(alone, ("probe.every=5", "custom_noisy", "norm.position=after")):
+        assert word in solo_reason(cfg)
+    twin = tiny_config(tiny_mnist, "norm=custom", "probe.every=5", "seed=1")
+    cfgs = [base, alone[0], alone[1], twin, alone[2], base]
+    assert make_groups(cfgs, max_batch=25) == [[0, 5], [1], [2], [3], [4]]
 
 
 CONVERGENCE_LRS = (0.1, 0.3, 1.0, 3.0, 10.0)  # experiment=convergence's rates
