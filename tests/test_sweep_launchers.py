@@ -191,6 +191,9 @@ def test_a_killed_joblib_sweep_resumes_with_the_same_command(reference, tmp_path
     joblib = [*joblib, "hydra.launcher.n_jobs=2"]
     proc = start(sweep, reference / "data", *joblib)
     wait_for("*train.steps=600*/checkpoint.pt", sweep, proc)
+    deadline = time.monotonic() + 120  # the two short runs finish too (their order is the scheduler's)
+    while len(list(sweep.glob("*train.steps=100*/summary.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {n for n, s in summaries(sweep).items() if s["status"] == "completed"}
