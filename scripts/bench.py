@@ -548,10 +548,12 @@ def bench_load(args) -> list[dict]:
     and two started together, for each threads setting; medians over interleaved repeats.
     A run's steps/s is summary.json's train_steps_per_s (evaluation excluded)."""
     steps = args.load_steps or (60 if args.quick else 2000)
-    cells = {label: {"alone": [], "busy": [], "pair": []} for label, _, _ in LOAD_SETTINGS}
+    # --quick: the old default and auto only (each setting is four processes of a few seconds)
+    settings = [LOAD_SETTINGS[0], LOAD_SETTINGS[-1]] if args.quick else LOAD_SETTINGS
+    cells = {label: {"alone": [], "busy": [], "pair": []} for label, _, _ in settings}
     used = {}
     for repeat in range(args.repeats):
-        order = LOAD_SETTINGS if repeat % 2 == 0 else LOAD_SETTINGS[::-1]
+        order = settings if repeat % 2 == 0 else settings[::-1]
         for label, threads, policy in order:  # alternating order: a drift in machine speed hits all alike
             print(f"load: threads={label} (repeat {repeat + 1}) ...", file=sys.stderr, flush=True)
             alone = runs_together(threads, policy, steps, 1, busy=False)[0]
@@ -560,9 +562,9 @@ def bench_load(args) -> list[dict]:
             cells[label]["busy"].append(runs_together(threads, policy, steps, 1, busy=True)[0]["steps_per_s"])
             pair = runs_together(threads, policy, steps, 2, busy=False)
             cells[label]["pair"].append(statistics.mean(r["steps_per_s"] for r in pair))
-    before = statistics.median(cells[LOAD_SETTINGS[0][0]]["alone"])
+    before = statistics.median(cells[settings[0][0]]["alone"])
     rows = []
-    for label, _, policy in LOAD_SETTINGS:
+    for label, _, policy in settings:
         med = {k: statistics.median(v) for k, v in cells[label].items()}
         rows.append({"threads": label, "wait": policy, "alone": med["alone"], "vs_before": med["alone"] / before,
                      "busy": med["busy"], "busy_kept": med["busy"] / med["alone"],
@@ -661,7 +663,7 @@ def bench_sweep(args) -> list[dict]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         base = None
-        for k in SWEEP_KS:
+        for k in SWEEP_KS[:2] if args.quick else SWEEP_KS:  # --quick: K = 1 and 5
             print(f"group of {k} on {device} ...", file=sys.stderr, flush=True)
             rate = group_model_steps_per_s(k, steps, device)
             base = base or rate

@@ -86,8 +86,9 @@ def test_bench_threads_section_compares_one_and_two_threads(tmp_path):
 
 @pytest.mark.slow
 def test_bench_load_section_runs_default_runs(tmp_path):
-    """--sections load on the real MNIST: every threads setting alone, beside a busy loop and in a
-    pair, through scripts/train.py; auto resolves to 1 thread for the default MLP."""
+    """--sections load --quick on the real MNIST: the old default and auto, each alone, beside a busy
+    loop and in a pair, through scripts/train.py; auto resolves to 1 thread for the default MLP.
+    (threads=1 and 2 are the same code path with other values; tests/test_runtime.py checks their logs.)"""
     out = tmp_path / "load.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--sections", "load", "--repeats", "1",
@@ -96,18 +97,17 @@ def test_bench_load_section_runs_default_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     rows = {row["threads"]: row for row in json.loads(out.read_text())["load"]}
-    assert list(rows) == ["2, spin (the old default)", "1", "2", "auto"]
+    assert list(rows) == ["2, spin (the old default)", "auto"]
     for row in rows.values():
         assert min(row["alone"], row["busy"], row["pair"]) > 0 and row["steps"] == 20
     assert rows["auto"]["log"].startswith("1 (auto: 1, 1.5M multiply-adds per op < crossover")
-    assert rows["2"]["log"] == "2 (threads=2 as given; OMP_WAIT_POLICY=PASSIVE)"
     assert rows["2, spin (the old default)"]["log"] == "2 (threads=2 as given; GOMP_SPINCOUNT=300000)"
 
 
 @pytest.mark.slow
 def test_bench_sweep_section_runs_both_launchers_and_the_k_curve(tmp_path):
     """--sections sweep --quick: a tiny convergence sweep with joblib and with the batched
-    launcher (every run completes), and the model-steps/s curve for every K."""
+    launcher (every run completes), and the model-steps/s curve for K = 1 and 5."""
     out = tmp_path / "sweep.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--sections", "sweep", "--threads", "1", "--out", str(out)],
@@ -118,6 +118,7 @@ def test_bench_sweep_section_runs_both_launchers_and_the_k_curve(tmp_path):
     for name in ("joblib", "batched"):
         assert rows[f"experiment=convergence, {name} (6 runs completed)"]["wall_s"] > 0
     assert rows["joblib / batched wall time (target >= 2.5, aim 4)"]["ratio"] > 0
-    for k in (1, 5, 15, 25, 75):
+    assert [w for w in rows if w.startswith("cpu: group of")] == ["cpu: group of K=1", "cpu: group of K=5"]
+    for k in (1, 5):
         assert rows[f"cpu: group of K={k}"]["model_steps_per_s"] > 0
     assert rows["cpu: group of K=1"]["ratio"] == 1.0

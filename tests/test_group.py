@@ -193,8 +193,8 @@ def test_runs_the_batched_model_cannot_hold_train_alone(tiny_mnist):
 CONVERGENCE_LRS = (0.1, 0.3, 1.0, 3.0, 10.0)  # experiment=convergence's rates
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("norm", ["none", "custom", "native"])
+@pytest.mark.slow  # ~40 s a norm; norm=none is the same group code without the BN layers
+@pytest.mark.parametrize("norm", ["custom", "native"])
 def test_real_mnist_group_of_the_convergence_rates_matches_solo_runs(tmp_path, norm):
     """The default MLP on real MNIST, 2,000 steps, one group of the five convergence rates against
     five solo runs: first 100 losses within 1e-4 at lr <= 1, final test accuracy within 0.5
