@@ -21,11 +21,12 @@ import torch
 from bnexp.config import ConfigError
 
 # Work per op (mean multiply-adds per matmul, work_per_op) from which `threads=auto` gives a run
-# more than one thread: where `python scripts/bench.py --sections threads` finds 2 threads keeping
-# up with 1 beside a busy process. Provisional: measured on a 2-core machine that other work kept
-# at load average 4-12, where 2 threads lost at 1.5M in every run (0.27-0.38x of 1 thread beside
-# the busy loop) and scattered around even from ~20M up (0.4-7x); the quiet-machine run of that
-# command pins it. The default MLP at batch 60 does 1.5M per op, far below either way: 1 thread.
+# more than one thread. Measured (`python scripts/bench.py --sections threads --repeats 3`, quiet
+# 2-core Xeon, passive OpenMP wait, docs/results/bench_threads.json): alone, 2 threads lose below
+# it (0.78x of 1 thread at 1.5M, 0.90x at 5M) and win from 21.4M up (1.11x, rising to 1.80x at
+# 745M); beside one busy process they never win (0.65-1.00x), but above it they lose at most a
+# third, where below it a second thread is pure loss. So the crossover is the one measured alone,
+# just under its first paying shape. The default MLP at batch 60 does 1.5M per op: 1 thread.
 THREADS_CROSSOVER_MACS = 20_000_000
 MNIST_INPUTS, MNIST_CLASSES = 784, 10
 

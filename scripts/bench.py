@@ -486,10 +486,18 @@ def bench_threads(args) -> list[dict]:
                          "busy_1": b["t1"], "busy_2": b["t2"], "busy_gain": b["t2"] / b["t1"],
                          "auto": choose_threads("auto", work, 2).threads})
     passive = sorted((r for r in rows if r["policy"] == "passive"), key=lambda r: r["work_m"])
-    paying = [r["work_m"] for i, r in enumerate(passive) if all(s["busy_gain"] >= 1 for s in passive[i:])]
-    rows.append({"policy": "passive", "shape": "measured crossover", "work_m": paying[0] if paying else None})
+    for where, key in (("alone", "idle_gain"), ("beside a busy loop", "busy_gain")):
+        rows.append({"policy": "passive", "shape": f"measured crossover, {where}",
+                     "work_m": crossover(passive, key)})
     rows.append({"policy": "passive", "shape": "bnexp.runtime crossover", "work_m": THREADS_CROSSOVER_MACS / 1e6})
     return rows
+
+
+def crossover(rows: list[dict], gain: str) -> float | None:
+    """The smallest work per op (M) from which 2 threads are at least as fast as 1 at every
+    larger shape measured; None when they never are."""
+    paying = [r["work_m"] for i, r in enumerate(rows) if all(s[gain] >= 1 for s in rows[i:])]
+    return paying[0] if paying else None
 
 
 THREADS_COLUMNS = [

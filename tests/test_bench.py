@@ -80,7 +80,8 @@ def test_bench_threads_section_compares_one_and_two_threads(tmp_path):
         assert min(row["idle_1"], row["idle_2"], row["busy_1"], row["busy_2"]) > 0
     assert measured[0]["work_m"] == 1.491 and measured[0]["auto"] == 1
     summary = {row["shape"]: row for row in data["threads"] if "idle_1" not in row}
-    assert set(summary) == {"measured crossover", "bnexp.runtime crossover"}
+    assert set(summary) == {"measured crossover, alone", "measured crossover, beside a busy loop",
+                            "bnexp.runtime crossover"}
     assert "2t/1t busy" in result.stdout
 
 
