@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnexp.group import Member, MemberSpec, group_key, make_groups, solo_reason, train_group
+from bnexp.group import Member, MemberSpec, balanced_cap, group_key, make_groups, solo_reason, train_group
 from bnexp.train import train
 from conftest import tiny_config
 
@@ -171,6 +171,19 @@ def test_groups_share_everything_but_member_keys(tiny_mnist):
     cfgs = [base] * 5 + [tiny_config(tiny_mnist, "norm=none")] + [base] * 2
     assert make_groups(cfgs, max_batch=3) == [[0, 1, 2], [3, 4], [6, 7], [5]]
     assert make_groups(cfgs, max_batch=25) == [[0, 1, 2, 3, 4, 6, 7], [5]]
+
+
+def test_group_sizes_fill_every_round_of_processes(tiny_mnist):
+    """Three classes of five on two processes: not three groups of 5 (a last round on one core)
+    but six of 3 + 2; one process keeps the cap; a cap below half of max_batch is never taken."""
+    cfgs = [tiny_config(tiny_mnist, f"norm={norm}", f"seed={s}") for norm in ("none", "custom", "native")
+            for s in range(5)]
+    assert [len(g) for g in make_groups(cfgs, max_batch=5)] == [5, 5, 5]
+    assert [len(g) for g in make_groups(cfgs, max_batch=5, processes=2)] == [3, 2, 3, 2, 3, 2]
+    assert [len(g) for g in make_groups(cfgs, max_batch=5, processes=3)] == [5, 5, 5]  # balanced already
+    assert balanced_cap([25, 25, 25], 25, 2) == 24  # 6 groups of 12-13: experiment=convergence
+    assert balanced_cap([7], 8, 2) == 6  # two groups (split evenly: 4 + 3), not one on one core
+    assert balanced_cap([1, 1, 1], 25, 2) == 25  # solo runs only: nothing to balance
 
 
 

@@ -126,6 +126,29 @@ def test_optuna_search_through_slurm(cluster, tiny_mnist, tmp_path):
     assert best["best_value"] == pytest.approx(top["final"]["val_acc"])
 
 
+def test_batched_groups_as_slurm_jobs(cluster, tiny_mnist, tmp_path):
+    """hydra/launcher=batched with executor=slurm: each group of compatible runs is one SLURM job
+    (norm=none and norm=custom, two seeds each: two jobs), every member ends as a run of its own
+    (summary.json, TensorBoard events), one done line per member, one result per job."""
+    sweep = tmp_path / "sweep"
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("threads=")]
+    result = run_script("-m", *tiny, "threads=auto", "hydra/launcher=batched", "hydra.launcher.executor=slurm",
+                        "hydra.launcher.submitit.cpus_per_task=1", "norm=none,custom", "seed=0,1",
+                        f"data.root={tiny_mnist}", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=cluster.env(),
+                        timeout=300)
+    assert result.returncode == 0, result.stderr + job_logs(sweep)
+    runs = summaries(sweep)
+    assert sorted((s["config"]["norm.name"], s["seed"]) for s in runs.values()) == [
+        ("custom", 0), ("custom", 1), ("none", 0), ("none", 1)]
+    assert {s["status"] for s in runs.values()} == {"completed"}
+    for name in runs:
+        events = EventAccumulator(str(sweep / name))
+        events.Reload()
+        assert "train/loss" in events.Tags()["scalars"]
+    assert (result.stdout + result.stderr).count("done completed") == 4
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # two groups, two SLURM jobs
+
+
 def test_gpu_request_reaches_the_job(cluster, tiny_mnist, tmp_path):
     """gpus_per_node=1: sbatch asks for a GPU, SLURM gives the job one (CUDA_VISIBLE_DEVICES=0),
     and device=auto takes it where torch sees a GPU (here: only where the machine has one)."""

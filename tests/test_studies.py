@@ -143,7 +143,7 @@ def test_probe_numbers_are_per_run_means_then_over_seeds(tmp_path):
            "layers: custom 0.800." in report
 
 
-# the presets' joblib launcher with one job: joblib then runs the jobs in this process, one after another
+# the presets' launcher (joblib or batched) with n_jobs=1: the jobs (or groups) run in this process, one after another
 SHRINK = [o for o in TINY_OVERRIDES if not o.startswith(("train.steps", "train.eval_every", "train.checkpoint_every"))]
 SHRINK += ["hydra.launcher.n_jobs=1"]
 CLI_SWEEPS = {  # preset -> overrides that keep its sweep tiny; what its report must show

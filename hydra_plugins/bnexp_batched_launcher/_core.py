@@ -70,7 +70,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     jobs = [prepare(launcher, initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
     try:
         check_distinct_dirs(jobs)
-        groups = make_groups([job.spec.cfg for job in jobs], launcher.max_batch)
+        groups = make_groups([job.spec.cfg for job in jobs], launcher.max_batch, _processes(launcher))
     except ConfigError as exc:
         cli.fail(str(exc))
     returns: dict[int, JobReturn] = {}
@@ -164,6 +164,14 @@ def train_groups(launcher, jobs: list[Job], groups: list[list[int]], sweep_dir: 
             results = _in_workers(specs, threads, parallel, sweep_dir / ".batched", stop)
         for g, outcomes in results:
             yield groups[g], outcomes, choices[g]
+
+
+def _processes(launcher) -> int:
+    """Group processes that run at once on this machine, for balancing group sizes (make_groups);
+    1 for submitit executors, whose jobs the scheduler places."""
+    if launcher.executor != "none":
+        return 1
+    return available_cores() if launcher.n_jobs == -1 else launcher.n_jobs
 
 
 def _parallel(launcher, n_groups: int) -> int:
