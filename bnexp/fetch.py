@@ -170,15 +170,24 @@ def _pip_download(dest: Path) -> Path:
     return wheels[0]
 
 
+def _load_libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+# loaded here, not in the forked child: between fork and exec only the prctl call itself runs
+_LIBC = _load_libc()
+
+
 def _die_with_parent() -> None:
     """In the pip child, before exec: ask Linux to SIGKILL it when its parent dies. Without this
     a fetch killed by SIGKILL leaves pip running, still writing into a staging dir that the next
     fetch has already swept away. Elsewhere (no prctl) this is a no-op."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+    prctl = getattr(_LIBC, "prctl", None)
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _decode_pickle(blob: bytes) -> dict[str, torch.Tensor]:
