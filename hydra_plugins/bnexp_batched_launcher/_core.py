@@ -169,15 +169,17 @@ def train_groups(launcher, jobs: list[Job], groups: list[list[int]], sweep_dir: 
 def _processes(launcher) -> int:
     """Group processes that run at once on this machine, for balancing group sizes (make_groups);
     1 for submitit executors, whose jobs the scheduler places."""
-    if launcher.executor != "none":
-        return 1
-    return available_cores() if launcher.n_jobs == -1 else launcher.n_jobs
+    return _n_jobs(launcher) if launcher.executor == "none" else 1
 
 
 def _parallel(launcher, n_groups: int) -> int:
     """Group processes at once on this machine (executor=none)."""
-    n = available_cores() if launcher.n_jobs == -1 else launcher.n_jobs
-    return max(1, min(n, n_groups))
+    return max(1, min(_n_jobs(launcher), n_groups))
+
+
+def _n_jobs(launcher) -> int:
+    """hydra.launcher.n_jobs with -1 read as one per core."""
+    return available_cores() if launcher.n_jobs == -1 else launcher.n_jobs
 
 
 def _threads(launcher, cfgs: list[Config], parallel: int) -> ThreadChoice:
