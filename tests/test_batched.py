@@ -52,9 +52,11 @@ def test_forward_backward_and_running_stats_are_each_members_own(norm, activatio
                 torch.testing.assert_close(back.state_dict()[name], value)
 
 
+@pytest.mark.parametrize("rows", [None, 64], ids=["one-chunk", "chunks-of-64"])
 @pytest.mark.parametrize("norm", ["none", "custom", "native"])
-def test_shared_evaluation_matches_solo_evaluate(norm):
-    """Eval mode on one split: each member's loss and accuracy as bnexp.train.evaluate gives them."""
+def test_shared_evaluation_matches_solo_evaluate(norm, rows):
+    """Eval mode on one split, whole or in chunks (the last one short): each member's loss and
+    accuracy as bnexp.train.evaluate gives them."""
     models = solo_models(norm)
     batched = stack(models, norm)
     gen = torch.Generator().manual_seed(1)
@@ -63,7 +65,7 @@ def test_shared_evaluation_matches_solo_evaluate(norm):
     for k, model in enumerate(models):
         batched.store_member(k, model)
     x, y = torch.randn(250, 784, generator=gen), torch.randint(0, 10, (250,), generator=gen)
-    losses, accs = evaluate_members(batched, x, y)
+    losses, accs = evaluate_members(batched, x, y, rows)
     assert batched.training  # evaluation leaves the mode as it found it
     for k, model in enumerate(models):
         loss, acc = evaluate(model, x, y)
