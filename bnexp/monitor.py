@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.histogram import metadata as histogram_metadata
@@ -92,8 +93,7 @@ class Monitor:
         model.train(was_training)
         q = torch.tensor([p / 100 for p in PERCENTILES])
         for k, z in enumerate(preacts, start=1):
-            z = z.detach().float().flatten().cpu()
-            values = torch.nanquantile(z, q)  # a diverged net has NaNs: percentiles of what is left
+            values = nanquantile(z, q)  # a diverged net has NaNs: percentiles of what is left
             for p, v in zip(PERCENTILES, values.tolist()):
                 self.scalar(act_tag(f"layer{k}", p), v, step)
 
@@ -128,6 +128,25 @@ class Monitor:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def nanquantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """torch.nanquantile(values.flatten(), q) (linear interpolation, NaNs left out), bit for bit:
+    NaN where every value is NaN.
+
+    torch sorts with a generic single-threaded sort (~5 ms for the 100,000 pre-activations of
+    a layer on the probe batch: three of these per evaluation were the largest logging cost
+    of a batched group); numpy's sort is vectorized (~0.6 ms). The interpolation is torch's:
+    rank = q * (n - 1) in float64, then a float32 lerp between the values either side of it.
+    """
+    ordered = np.sort(values.detach().float().flatten().cpu().numpy())  # NaNs sort last
+    n = len(ordered) - int(np.isnan(ordered).sum())
+    if n == 0:
+        return torch.full_like(q, math.nan)
+    ordered = torch.from_numpy(ordered[:n])
+    ranks = q.double() * (n - 1)
+    below, above = ranks.floor().long(), ranks.ceil().long()
+    return ordered[below].lerp(ordered[above], (ranks - below).to(ordered.dtype)).to(q.dtype)
 
 
 class NoMonitor:
