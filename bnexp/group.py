@@ -28,9 +28,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import pickle
+import select
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,24 +480,37 @@ def outcomes_path(request: Path) -> Path:
     return Path(request).with_suffix(".out")
 
 
-def worker_main(request: str) -> None:
+def worker_main(request: str, launcher_pid: int | None = None) -> None:
     """Entry of a group worker process: train the group of `request`, write its outcomes."""
-    _stop_with_parent()
+    if launcher_pid is not None:
+        _stop_with_launcher(launcher_pid)
     _log_to_stderr()
     job = pickle.loads(Path(request).read_bytes())
     outcomes = train_group(job["specs"], job["threads"])
     atomic_write(outcomes_path(Path(request)), pickle.dumps(outcomes))
 
 
-def _stop_with_parent() -> None:
-    """Linux: SIGTERM this worker when the launcher dies, even by kill -9, so that it checkpoints
-    and exits instead of training on alone (and racing a rerun of the sweep for its dirs)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+def _stop_with_launcher(pid: int) -> None:
+    """SIGTERM this worker when the launcher (process `pid`) exits, even by kill -9, so that it
+    checkpoints and exits instead of training on alone (and racing a rerun of the sweep for its
+    dirs). A thread waits on a pidfd of the launcher (Linux >= 5.3; elsewhere nothing watches).
 
-    pr_set_pdeathsig = 1  # from <sys/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    Not PR_SET_PDEATHSIG: a worker's parent is the launcher's fork server, which every worker
+    keeps alive (each holds the server's liveness pipe) until it exits itself.
+    """
+    if not hasattr(os, "pidfd_open"):
+        return
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # gone already
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        select.select([fd], [], [])  # readable once the launcher has exited
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _log_to_stderr() -> None:

@@ -602,13 +602,12 @@ QUICK_SWEEP = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=
 
 
 # the launchers compared: experiment=convergence's own joblib (one job per core), and the batched
-# launcher as the experiment configures it (n_jobs=-1: one group process per core), in one
-# process with every core, and with groups of 13 (six groups: three rounds of two processes)
+# launcher as the experiment configures it (n_jobs=-1: one group process per core, groups sized
+# to fill every round, bnexp.group.balanced_cap), and in one process with every core
 SWEEP_LAUNCHERS = {
     "joblib": ["hydra/launcher=joblib"],
     "batched": ["hydra/launcher=batched"],
     "batched, n_jobs=1": ["hydra/launcher=batched", "hydra.launcher.n_jobs=1"],
-    "batched, max_batch=13": ["hydra/launcher=batched", "hydra.launcher.max_batch=13"],
 }
 
 
