@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import shlex
 import sys
@@ -64,6 +65,8 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         check_settings(launcher)
     except ConfigError as exc:
         cli.fail(str(exc))
+    if launcher.executor == "none" and _n_jobs(launcher) > 1:
+        _start_fork_server()
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     jobs = [prepare(launcher, initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
@@ -272,6 +275,13 @@ def _worker_context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", "bnexp.group", "torch._dynamo"])
     return context
+
+
+def _start_fork_server() -> None:
+    """Start the workers' fork server now: its imports then run on another core while this
+    process prepares the jobs (~0.25 s each), instead of delaying the first group."""
+    _worker_context()
+    multiprocessing.forkserver.ensure_running()
 
 
 def make_executor(launcher):
