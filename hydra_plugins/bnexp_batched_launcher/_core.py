@@ -270,8 +270,11 @@ def _worker_context():
     more than a group of 13 convergence runs spends on its first 300 steps; a fork of the
     server is ready in ~0.02 s. Forked from the server, not from this process: this one may
     have touched OpenMP, which does not survive a fork. A worker watches this process and
-    stops when it dies (bnexp.group._stop_with_launcher).
+    stops when it dies (bnexp.group._stop_with_launcher). Where there is no fork server
+    (Windows), each worker is a fresh process that imports everything itself.
     """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", "bnexp.group", "torch._dynamo"])
     return context
@@ -280,8 +283,8 @@ def _worker_context():
 def _start_fork_server() -> None:
     """Start the workers' fork server now: its imports then run on another core while this
     process prepares the jobs (~0.25 s each), instead of delaying the first group."""
-    _worker_context()
-    multiprocessing.forkserver.ensure_running()
+    if _worker_context().get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()
 
 
 def make_executor(launcher):
