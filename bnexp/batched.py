@@ -39,9 +39,10 @@ from bnexp.model import ACTIVATIONS, MLP, make_norm
 
 # Evaluation chunks: about this many values per activation tensor (4 MB of float32), so that
 # K members x N images never need K full-size copies of the split at once, and a chunk's
-# activations stay near the cache: with 16 MB chunks the memory-bound norm and sigmoid
-# passes made evaluation of a group of 13 convergence runs ~25% slower (chunks of 256 to
-# 2,048 images measured within noise of each other, 2-core Xeon, one thread).
+# activations stay near the cache for the memory-bound norm and sigmoid passes. For a group of
+# 13 convergence runs, chunks of 256 to 2,048 images measured within noise of each other (2-core
+# Xeon, one thread); 16 MB chunks were measured only together with the old logits layout, which
+# the pair beat by ~25%, so how much of that the chunk size is remains unmeasured.
 EVAL_CHUNK_ELEMENTS = 1 << 20
 
 
@@ -176,9 +177,8 @@ def evaluate_members(model: BatchedMLP, x: torch.Tensor, y: torch.Tensor,
     for start in range(0, len(x), rows):
         logits = model.forward_shared(x[start:start + rows])  # (K, n, classes)
         target = y[start:start + rows]
-        n = len(target)
         losses = F.cross_entropy(logits.flatten(0, 1), target.repeat(K), reduction="none")
-        loss_sum += losses.view(K, n).sum(1).double()
+        loss_sum += losses.view(K, -1).sum(1).double()
         correct += (logits.argmax(2) == target).sum(1)
     model.train(was_training)
     n = len(x)

@@ -602,8 +602,8 @@ QUICK_SWEEP = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=
 
 
 # the sweeps compared: experiment=convergence with its own joblib (one job per core), and with the
-# batched launcher as the depth/batch_size/placement presets configure it (n_jobs=-1: one group
-# process per core, groups sized to fill every round, bnexp.group.balanced_cap), and in one
+# batched launcher under the preset's n_jobs=-1 (one group process per core, groups sized to
+# fill every round, bnexp.group.balanced_cap), and in one
 # process with every core; then both again evaluating every 1,000 steps instead of every 100,
 # where evaluation (full validation and test sets, which no launcher makes cheaper per run)
 # takes a smaller share of a run
