@@ -611,10 +611,12 @@ SWEEP_LAUNCHERS = {
     "joblib": ["hydra/launcher=joblib"],
     "batched": ["hydra/launcher=batched"],
     "batched, n_jobs=1": ["hydra/launcher=batched", "hydra.launcher.n_jobs=1"],
+    # on a GPU: one group process per norm, the three groups of 25 sharing the device at once
+    "batched, n_jobs=3": ["hydra/launcher=batched", "hydra.launcher.n_jobs=3"],
     "joblib, eval_every=1000": ["hydra/launcher=joblib", "train.eval_every=1000"],
     "batched, eval_every=1000": ["hydra/launcher=batched", "train.eval_every=1000"],
 }
-SWEEP_PAIRS = [("joblib", "batched"), ("joblib", "batched, n_jobs=1"),
+SWEEP_PAIRS = [("joblib", "batched"), ("joblib", "batched, n_jobs=1"), ("joblib", "batched, n_jobs=3"),
                ("joblib, eval_every=1000", "batched, eval_every=1000")]  # (baseline, batched)
 
 
@@ -657,10 +659,12 @@ def group_model_steps_per_s(k: int, steps: int, device: str) -> float:
 
 def bench_sweep(args) -> list[dict]:
     """experiment=convergence through each of SWEEP_LAUNCHERS (--quick: joblib and batched, tiny
-    budgets), their order rotating per repeat; then the model-steps/s curve of one group for
-    K = 1, 5, 15, 25, 75 on each device, with --threads threads."""
-    extra = QUICK_SWEEP if args.quick else []
-    names = ["joblib", "batched"] if args.quick else list(SWEEP_LAUNCHERS)
+    budgets; or those named by --sweep-launchers), their order rotating per repeat, every run on
+    --sweep-device; then the model-steps/s curve of one group for K = 1, 5, 15, 25, 75 on that
+    device (with --threads CPU threads)."""
+    extra = [*(QUICK_SWEEP if args.quick else []), f"device={args.sweep_device}"]
+    names = args.sweep_launchers or (["joblib", "batched"] if args.quick else
+                                     [name for name in SWEEP_LAUNCHERS if name != "batched, n_jobs=3"])
     walls: dict[str, list[float]] = {name: [] for name in names}
     runs = {}
     for repeat in range(args.sweep_repeats):
@@ -668,21 +672,20 @@ def bench_sweep(args) -> list[dict]:
             print(f"sweep: {name} (repeat {repeat + 1}) ...", file=sys.stderr, flush=True)
             wall, runs[name] = sweep_wall_s(SWEEP_LAUNCHERS[name], extra)
             walls[name].append(wall)
+            print(f"sweep: {name} took {wall:.1f} s, {runs[name]} runs completed", file=sys.stderr, flush=True)
     rows = [{"what": f"experiment=convergence, {name} ({runs[name]} runs completed)",
              "wall_s": round(statistics.median(walls[name]), 1)} for name in names]
     rows += [paired(f"{base} / {name} wall time (target >= 2.5, aim 4)", walls[base], walls[name], 2)
              for base, name in SWEEP_PAIRS if base in walls and name in walls]
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else 300
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        base = None
-        for k in SWEEP_KS[:2] if args.quick else SWEEP_KS:  # --quick: K = 1 and 5
-            print(f"group of {k} on {device} ...", file=sys.stderr, flush=True)
-            rate = group_model_steps_per_s(k, steps, device)
-            base = base or rate
-            rows.append({"what": f"{device}: group of K={k}", "model_steps_per_s": round(rate, 1),
-                         "ratio": round(rate / base, 2)})
+    device, base = args.sweep_device, None
+    for k in SWEEP_KS[:2] if args.quick else SWEEP_KS:  # --quick: K = 1 and 5
+        print(f"group of {k} on {device} ...", file=sys.stderr, flush=True)
+        rate = group_model_steps_per_s(k, steps, device)
+        base = base or rate
+        rows.append({"what": f"{device}: group of K={k}", "model_steps_per_s": round(rate, 1),
+                     "ratio": round(rate / base, 2)})
     return rows
 
 
@@ -729,6 +732,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=["training", "probes", "layer"])
     parser.add_argument("--sweep-repeats", type=int, default=1,
                         help="repeats of the two convergence sweeps (sweep section; each pair takes minutes)")
+    parser.add_argument("--sweep-device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the sweep section's runs and its K curve train (default cpu)")
+    parser.add_argument("--sweep-launchers", nargs="+", choices=sorted(SWEEP_LAUNCHERS), metavar="NAME",
+                        help="the sweep section's launcher rows, in this order (default: all but "
+                             "'batched, n_jobs=3', which is for a GPU); one of: " + "; ".join(SWEEP_LAUNCHERS))
     parser.add_argument("--steady-malloc", action="store_true",
                         help="keep freed memory mapped (glibc mallopt): times without page faults")
     parser.add_argument("--load-steps", type=int, default=None,
@@ -744,6 +752,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads < 1 or args.repeats < 1 or args.min_time <= 0 or args.sweep_repeats < 1:
         parser.error(f"--threads and --repeats must be >= 1 and --min-time > 0, --sweep-repeats >= 1 "
                      f"(got {args.threads}, {args.repeats}, {args.min_time}, {args.sweep_repeats})")
+    if args.sweep_device == "cuda" and not torch.cuda.is_available():
+        parser.error("--sweep-device cuda: torch sees no CUDA GPU on this machine (allowed here: cpu)")
     if args.load_steps is not None and args.load_steps < 1:
         parser.error(f"--load-steps must be >= 1 (got {args.load_steps})")
     return args

@@ -80,6 +80,17 @@ def test_members_match_their_solo_runs(tiny_mnist, tmp_path, common, members):
                    if n.endswith("num_batches_tracked"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: runs on a GPU machine")
+@pytest.mark.parametrize("common,members", [
+    (["norm=none"], SGD_MEMBERS),
+    (["norm=custom", "model.activation=relu"], RELU_MEMBERS),
+    (["norm=native"], SGD_MEMBERS),
+], ids=["none", "custom-relu", "native"])
+def test_members_match_their_solo_runs_on_cuda(tiny_mnist, tmp_path, common, members):
+    """The same comparison on a GPU: batched matmuls there are other kernels than a solo run's."""
+    test_members_match_their_solo_runs(tiny_mnist, tmp_path, [*common, "device=cuda"], members)
+
+
 def test_a_diverging_member_leaves_the_others_unaffected(tiny_mnist, tmp_path):
     """lr 1e30 diverges as it does alone (same step); the others' losses are those of a group
     without it, within 1e-4."""
