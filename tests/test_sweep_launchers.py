@@ -148,6 +148,20 @@ def test_a_bad_launcher_setting_is_one_line(tiny_mnist, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("n_jobs", [1, 2], ids=["in-order", "prepared-in-2-processes"])
+def test_a_bad_value_in_a_sweep_is_one_line_for_its_first_job(tiny_mnist, tmp_path, n_jobs):
+    """Jobs are prepared one after another, or in n_jobs forked processes: either way the first
+    bad job in sweep order is named on one line and nothing trains."""
+    sweep = tmp_path / "s"
+    result = run_script("-m", *TINY, f"data.root={tiny_mnist}", "hydra/launcher=batched",
+                        f"hydra.launcher.n_jobs={n_jobs}", "optim.lr=0.1,-1,-2", "seed=0,1",
+                        f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors == ["error: optim.lr=-1.0 is not allowed: a finite number > 0"], result.stderr
+    assert not list(sweep.glob("*/summary.json")) and not list(sweep.glob("*/*.pt"))
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130),
                                       pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)])
 def test_a_signal_checkpoints_every_member_and_prints_the_sweep_resume_command(reference, tmp_path, sig, code):
