@@ -23,6 +23,7 @@ from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import histogram
 
+from bnexp import crc32c
 from bnexp.hparams import hparams_summaries
 from bnexp.tags import (BN_STATS, PERCENTILES, STEPS_TAG, STEPS_TARGET, act_tag, bn_histogram_tag,
                         bn_scalar_tag, describe)
@@ -37,6 +38,7 @@ class Monitor:
     """
 
     def __init__(self, run_dir: Path, purge_step: int | None = None):
+        crc32c.install()  # the records' checksums with numpy: ~10 ms less per evaluation (crc32c.py)
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         self.described: set[str] = set()  # tags whose first event (with the description) is written
 

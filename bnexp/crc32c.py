@@ -1,0 +1,88 @@
+"""CRC-32C of TensorBoard's event records, computed with numpy instead of a Python loop per byte.
+
+Every record of an event file carries two masked CRC-32C checksums (of its length and of its
+bytes). Without TensorFlow, TensorBoard computes them in pure Python, one loop turn per byte
+(tensorboard.compat.tensorflow_stub.pywrap_tensorflow.crc32c), on the event writer's thread. A
+run writes ~37 KB per evaluation (six running-statistics histograms of ~5 KB, ~110 scalars):
+~10 ms of that thread's time, which also holds the GIL the training thread needs. A batched
+group of 25 evaluates 41 times per member: 10 s of checksums per group, as long as its
+training on a GPU. `install()` swaps in `masked_crc32c` below: 0.19 ms instead of 2.2 ms for a
+~9.5 KB histogram record; records under 64 bytes (headers, most scalars) keep a byte loop,
+which beats numpy's fixed cost there. Per evaluation of a run: ~14 ms of logging instead of
+~22 ms (2-core Xeon). The bytes written are identical (tests/test_crc32c.py checks it against
+TensorBoard's own function).
+
+How: CRC-32C is linear over GF(2). Starting from register 0, byte b at distance k from the
+end contributes A^k(T[b]), where T is the byte table and A the register update for a zero
+byte; so the CRC of a block is the XOR of table lookups P[k, b], with P[k] = A^k(T) computed
+once. The initial register is folded into the first four bytes (XOR), which is where a
+reflected CRC reads it from; longer data goes block by block, each block's register folded
+into the next block's first four bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POLY = 0x82F63B78  # CRC-32C (Castagnoli), bit-reflected
+BLOCK = 4096  # bytes per table block: P is BLOCK x 256 x 4 B = 4 MiB, built in ~20 ms on first use
+_P: np.ndarray | None = None
+
+
+def _byte_table() -> np.ndarray:
+    """T[b]: the register after one byte b from register 0."""
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(POLY), table >> 1).astype(np.uint32)
+    return table
+
+
+def _block_table() -> np.ndarray:
+    """P[k, b] = A^k(T[b]): what byte b contributes when k bytes follow it in the block."""
+    global _P
+    if _P is None:
+        t = _byte_table()
+        p = np.empty((BLOCK, 256), dtype=np.uint32)
+        p[0] = t
+        for k in range(1, BLOCK):
+            p[k] = (p[k - 1] >> 8) ^ t[p[k - 1] & 0xFF]
+        _P = p
+    return _P
+
+
+SHORT = 64  # bytes below which the plain byte loop beats numpy's ~8 us per call (headers: 8 bytes)
+_T = [int(v) for v in _byte_table()]
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of data (initial register and final XOR 0xFFFFFFFF), as TensorBoard's crc32c."""
+    register = 0xFFFFFFFF
+    if len(data) < SHORT:
+        for b in data:
+            register = (register >> 8) ^ _T[(register ^ b) & 0xFF]
+        return register ^ 0xFFFFFFFF
+    p = _block_table()
+    view = np.frombuffer(data, dtype=np.uint8)
+    for start in range(0, len(view), BLOCK):
+        block = view[start:start + BLOCK].astype(np.uint32)
+        if len(block) < 4:  # a tail too short to hold the register: the byte loop
+            for b in block.tolist():
+                register = (register >> 8) ^ _T[(register ^ b) & 0xFF]
+            continue
+        block[:4] ^= np.array([(register >> s) & 0xFF for s in (0, 8, 16, 24)], dtype=np.uint32)
+        register = int(np.bitwise_xor.reduce(p[np.arange(len(block) - 1, -1, -1), block]))
+    return register ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The masked CRC that TFRecord framing stores (rotated right by 15 bits, plus a constant)."""
+    x = crc32c(data)
+    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def install() -> None:
+    """Make TensorBoard's record writer (which torch's SummaryWriter uses) checksum with this
+    module. Idempotent; the records it writes are byte for byte those it wrote before."""
+    from tensorboard.summary.writer import record_writer
+
+    record_writer.masked_crc32c = masked_crc32c
