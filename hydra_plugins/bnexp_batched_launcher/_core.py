@@ -98,15 +98,16 @@ def prepare_all(launcher, jobs: list[tuple[int, list[str]]]) -> list[Job]:
 
     Hydra composes each job's config anew (re-reading every YAML file): ~0.25 s a job on the
     2-core Xeon, 20 s for the 75 jobs of experiment=convergence, before any group could start.
-    When the groups are to run in worker processes, the jobs are prepared in as many forked
-    processes at once. Forked from this process, which has touched neither OpenMP nor CUDA
-    yet: with n_jobs > 1 it never trains itself. Each process makes its jobs' dirs and logs;
-    the configs come back pickled.
+    When the groups are to run in worker processes, the jobs are prepared in one forked process
+    per core (no group has started yet). Forked from this process, which has touched neither
+    OpenMP nor CUDA: with n_jobs > 1 it never trains itself. Each process makes its jobs' dirs
+    and logs; the configs come back pickled.
     """
     global _PREPARING
     for idx, overrides in jobs:
         log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-    processes = min(_n_jobs(launcher), len(jobs)) if launcher.executor == "none" else 1
+    parallel = launcher.executor == "none" and _n_jobs(launcher) > 1
+    processes = min(available_cores(), len(jobs)) if parallel else 1  # no group trains yet: every core
     if processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [prepare(launcher, idx, overrides) for idx, overrides in jobs]
     _PREPARING = launcher
