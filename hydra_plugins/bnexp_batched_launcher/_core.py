@@ -323,9 +323,16 @@ def _worker_context():
     return context
 
 
+def start_early(launcher) -> None:
+    """From the launcher's setup: start the workers' fork server before Hydra's sweeper
+    composes every job's config to validate it (~12 s for 75 jobs on the 2-core Xeon), so
+    that its imports (~5 s) run on another core meanwhile instead of delaying the first group."""
+    if launcher.executor == "none" and _n_jobs(launcher) > 1:
+        _start_fork_server()
+
+
 def _start_fork_server() -> None:
-    """Start the workers' fork server now: its imports then run on another core while this
-    process prepares the jobs (~0.25 s each), instead of delaying the first group."""
+    """Start the workers' fork server now (idempotent), for its imports to overlap other work."""
     if _worker_context().get_start_method() == "forkserver":
         multiprocessing.forkserver.ensure_running()
 

@@ -28,6 +28,9 @@ class BatchedLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        from . import _core
+
+        _core.start_early(self)  # the workers' imports, beside Hydra's validation of every job
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from . import _core  # imported on use: Hydra imports this module on every start
