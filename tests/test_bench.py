@@ -60,6 +60,22 @@ def test_bench_rejects_bad_arguments():
     assert "--threads and --repeats must be >= 1" in result.stderr
 
 
+def test_bench_sweep_options_are_checked():
+    """--sweep-launchers takes only SWEEP_LAUNCHERS' names; --sweep-device cuda needs a GPU."""
+    import torch
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(SCRIPT), "--sections", "sweep", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    result = run("--sweep-launchers", "batched, n_jobs=9")
+    assert result.returncode == 2 and "invalid choice: 'batched, n_jobs=9'" in result.stderr
+    if not torch.cuda.is_available():
+        result = run("--sweep-device", "cuda")
+        assert result.returncode == 2
+        assert "--sweep-device cuda: torch sees no CUDA GPU on this machine (allowed here: cpu)" in result.stderr
+
+
 @pytest.mark.slow  # ~25 s on a quiet machine: four processes, two of them beside a busy loop
 def test_bench_threads_section_compares_one_and_two_threads(tmp_path):
     """--sections threads: per wait policy and shape, 1 and 2 threads alone and beside a busy
