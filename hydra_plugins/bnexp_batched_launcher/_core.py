@@ -65,8 +65,6 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         check_settings(launcher)
     except ConfigError as exc:
         cli.fail(str(exc))
-    if launcher.executor == "none" and _n_jobs(launcher) > 1:
-        _start_fork_server()
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -98,16 +96,16 @@ def prepare_all(launcher, jobs: list[tuple[int, list[str]]]) -> list[Job]:
 
     Hydra composes each job's config anew (re-reading every YAML file): ~0.25 s a job on the
     2-core Xeon, 20 s for the 75 jobs of experiment=convergence, before any group could start.
-    When the groups are to run in worker processes, the jobs are prepared in one forked process
-    per core (no group has started yet). Forked from this process, which has touched neither
-    OpenMP nor CUDA: with n_jobs > 1 it never trains itself. Each process makes its jobs' dirs
-    and logs; the configs come back pickled.
+    When the groups may run in worker processes (n_jobs > 1), the jobs are prepared in one
+    forked process per core (no group of this batch has started yet). A fork is safe even where
+    this process trained before (a batch of one group runs here): the children only compose and
+    validate configs, touching neither OpenMP nor CUDA. Each child makes its jobs' dirs and
+    logs; the configs come back pickled.
     """
     global _PREPARING
     for idx, overrides in jobs:
         log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-    parallel = launcher.executor == "none" and _n_jobs(launcher) > 1
-    processes = min(available_cores(), len(jobs)) if parallel else 1  # no group trains yet: every core
+    processes = min(available_cores(), len(jobs)) if _processes(launcher) > 1 else 1
     if processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [prepare(launcher, idx, overrides) for idx, overrides in jobs]
     _PREPARING = launcher
@@ -327,13 +325,7 @@ def start_early(launcher) -> None:
     """From the launcher's setup: start the workers' fork server before Hydra's sweeper
     composes every job's config to validate it (~12 s for 75 jobs on the 2-core Xeon), so
     that its imports (~5 s) run on another core meanwhile instead of delaying the first group."""
-    if launcher.executor == "none" and _n_jobs(launcher) > 1:
-        _start_fork_server()
-
-
-def _start_fork_server() -> None:
-    """Start the workers' fork server now (idempotent), for its imports to overlap other work."""
-    if _worker_context().get_start_method() == "forkserver":
+    if _processes(launcher) > 1 and _worker_context().get_start_method() == "forkserver":
         multiprocessing.forkserver.ensure_running()
 
 
