@@ -1,7 +1,10 @@
-"""Glue between Hydra and bnexp.train: run dir, threads, exit codes, user errors as one line.
+"""Glue between Hydra and the training loop (bnexp.run.loop) for one job: its run dir, what its
+launcher leaves it (threads), and its resume command.
 
-scripts/train.py is a thin @hydra.main around `main`; everything Hydra-specific lives here so
-that bnexp.train stays a plain function that tests call directly.
+scripts/train.py is a thin @hydra.main around `main`. What every job does, solo or in a batched
+group (validate, choose threads, fail in one line, the done line, the sweep objective, the
+interrupted exit), is bnexp/jobs/lifecycle.py's; what is Hydra-specific lives here, so that
+bnexp.run.loop.train stays a plain function that tests call directly.
 """
 
 from __future__ import annotations
@@ -17,26 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from bnexp.checkpoint import CheckpointError
 from bnexp.cluster import in_submitit_job, requeue_with_submitit
-from bnexp.config import ConfigError, to_config
-from bnexp.data import DataError
+from bnexp.jobs import lifecycle
+from bnexp.run.loop import USER_ERRORS, train
 from bnexp.run_name import hydra_quoted
-from bnexp.runtime import available_cores, choose_threads, cores_per_job, pick_device, set_threads, work_per_op
-from bnexp.train import RunInterrupted, train
+from bnexp.runtime import available_cores, cores_per_job, pick_device, set_threads
+from bnexp.run.signals import RunInterrupted
 
 log = logging.getLogger("bnexp")
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
-POOR_OBJECTIVE = 0.0  # what a diverged run returns to a sweeper: below chance (0.1), never NaN
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one line and exit; HYDRA_FULL_ERROR=1 shows the traceback instead."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise
-    print(f"error: {message}", file=sys.stderr)  # not log.error: Hydra's console handler would repeat it
-    sys.exit(code)
-
 
 def resume_command(run_dir: Path) -> str:
     """The command line that continues this run: the same overrides, the same run dir."""
@@ -75,39 +66,21 @@ def main(hydra_cfg: DictConfig) -> float:
     """Validate, train, summarize one job; return the sweep objective (final val accuracy)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        cfg = to_config(hydra_cfg)
-        choice = choose_threads(cfg.threads, work_per_op(cfg.model.widths, cfg.train.batch_size),
-                                *threads_per_job())
+        cfg = lifecycle.validate(hydra_cfg)
+        choice = lifecycle.threads(cfg, 1, *threads_per_job())
         set_threads(choice.threads)
         log.info("torch threads: %d (%s)", torch.get_num_threads(), choice.why)
         log.info("device: %s (CUDA_VISIBLE_DEVICES=%s)", pick_device(cfg.device),
                  os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))  # what a cluster job was given
         summary = train(cfg, run_dir, progress="quiet" if in_multirun() else "auto")
     except USER_ERRORS as exc:
-        fail(str(exc))
+        lifecycle.fail(str(exc))
     except RunInterrupted as stop:
-        print(f"interrupted at step {stop.summary['steps_done']}; checkpoint saved.", file=sys.stderr)
+        what = f"interrupted at step {stop.summary['steps_done']}; checkpoint saved."
         if in_submitit_job():
+            print(what, file=sys.stderr)
             requeue_with_submitit(stop.signum)  # near its time limit: resubmitted, exits here
-            print("The job resumes from it when it restarts (SLURM requeue) or the sweep runs again "
-                  "with the same hydra.sweep.dir.", file=sys.stderr)
-        else:
-            print(f"Resume with:\n  {resume_command(run_dir)}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
-    report_job(summary)
-    return objective(summary)
-
-
-def objective(summary: dict) -> float:
-    """The sweep objective of a finished run: its final val accuracy; diverged (or NaN) scores POOR_OBJECTIVE."""
-    val_acc = summary["final"]["val_acc"]
-    return val_acc if summary["status"] == "completed" and val_acc == val_acc else POOR_OBJECTIVE
-
-
-def report_job(summary: dict) -> None:
-    """One line per finished job: what the sweep's console log shows instead of interleaved bars."""
-    c, f = summary["config"], summary["final"]
-    val = "n/a" if f["val_acc"] is None or f["val_acc"] != f["val_acc"] else f"{f['val_acc']:.4f}"
-    log.info("done %s: norm=%s lr=%s seed=%s val_acc=%s steps=%d time=%.1fs",
-             summary["status"], c["norm.name"], c["optim.lr"], c["seed"], val,
-             summary["steps_done"], summary["wall_s"])
+            lifecycle.stop(stop.signum, "The job resumes from it when it restarts (SLURM requeue) or the sweep "
+                                        "runs again with the same hydra.sweep.dir.", None)
+        lifecycle.stop(stop.signum, what, resume_command(run_dir))
+    return lifecycle.finish(summary)

@@ -8,7 +8,7 @@ and what is allowed.
 Each value is checked in one place. Two limits depend on the data, not on the config, and are
 checked where the number of training images is known, right after the IDX files are read and
 before a model is built: `data.val_size < training images` (bnexp.data.load_mnist) and
-`train.batch_size <= images left for training` (bnexp.train, when the run loads its data).
+`train.batch_size <= images left for training` (bnexp.run.member.load_data, when the run loads its data).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-NORMS = ("none", "custom", "native", "custom_noisy")
 POSITIONS = ("before", "after")  # norm.position: where the norm sits relative to the nonlinearity
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 DEVICES = ("auto", "cpu", "cuda")
@@ -149,6 +148,17 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
+def _registry() -> dict:
+    from bnexp.nn.registry import NORMS  # the variants live with their layers, not in the schema
+
+    return NORMS
+
+
+def norm_names() -> tuple[str, ...]:
+    """The values `norm` may take, in the registry's order."""
+    return tuple(_registry())
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Turn Hydra's composed DictConfig into a validated, plain `Config` object."""
     obj = OmegaConf.to_object(cfg)
@@ -168,7 +178,8 @@ def _positive_finite(value: float) -> bool:
 
 def validate(cfg: Config) -> None:
     """Check every value that the schema's types cannot; raise ConfigError on the first bad one."""
-    _require(cfg.norm.name in NORMS, "norm.name", cfg.norm.name, f"one of {', '.join(NORMS)}")
+    norms = norm_names()
+    _require(cfg.norm.name in norms, "norm.name", cfg.norm.name, f"one of {', '.join(norms)}")
     _validate_norm_extras(cfg.norm)
     _validate_optim(cfg.optim)
     m = cfg.model
@@ -196,8 +207,8 @@ def validate(cfg: Config) -> None:
 def _validate_norm_extras(norm: NormConfig) -> None:
     """norm.position and the noisy variant's keys (bnexp/noise.py)."""
     _require(norm.position in POSITIONS, "norm.position", norm.position, f"one of {', '.join(POSITIONS)}")
-    _require(not (norm.name == "custom_noisy" and norm.compile), "norm.compile", norm.compile,
-             "false with norm=custom_noisy (the noisy variant runs our layer eagerly)")
+    _require(not norm.compile or _registry()[norm.name].compile != "refused", "norm.compile", norm.compile,
+             f"false with norm={norm.name} (it runs our layer eagerly)")
     _require(isinstance(norm.noise_shift, (int, float)) and math.isfinite(norm.noise_shift)
              and norm.noise_shift >= 0, "norm.noise_shift", norm.noise_shift, "a finite number >= 0")
     _require(isinstance(norm.noise_scale, (int, float)) and math.isfinite(norm.noise_scale)

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from bnexp.nn.registry import NORMS
 from bnexp.stats import SweepStats, best_group, group_runs
 from bnexp.studies import STUDY_COLUMN, STUDY_KEYS, ics_names, label, split_by
 from bnexp.sweep import Run
 
-COLORS = {"none": "tab:red", "custom": "tab:blue", "native": "tab:green", "custom_noisy": "tab:purple"}
-# custom and native should overlap exactly: different dashes and markers keep both visible
-STYLES = {"none": ("-", "o"), "custom": ("-", "o"), "native": ("--", "s"), "custom_noisy": ("-.", "^")}
+# Each norm's colour, line and marker come from its registry entry (bnexp/nn/registry.py)
+COLORS = {name: v.color for name, v in NORMS.items()}
+STYLES = {name: (v.line, v.marker) for name, v in NORMS.items()}
 ZOOM = (0.9, 1.0)  # the lower panels of the test-accuracy figure: where the variants' final accuracies differ
 
 

@@ -24,14 +24,14 @@ from google.protobuf import struct_pb2
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from bnexp.config import ACTIVATIONS, DEVICES, NORMS, RESUME_MODES
+from bnexp.config import ACTIVATIONS, DEVICES, RESUME_MODES, norm_names
 from bnexp.tags import STEPS_TAG, STEPS_TARGET
 
 # Config key -> the column title; in this order they are the columns ticked by default.
 PINNED = {"norm.name": "norm", "optim.lr": "optim.lr", "seed": "seed", "optim.name": "optim",
           "model.activation": "model.activation"}
 NOT_HPARAMS = ("data.root",)  # a path of the machine, not a property of the experiment
-DOMAINS = {"norm.name": NORMS, "optim.name": ("sgd", "adam"), "model.activation": ACTIVATIONS,
+DOMAINS = {"norm.name": norm_names(), "optim.name": ("sgd", "adam"), "model.activation": ACTIVATIONS,
            "device": DEVICES, "train.resume": RESUME_MODES}
 # (tag, title) in the order of the metric columns; the tab ticks the first five
 METRICS = (("test/acc", "test/acc (final)"), ("val/acc", "val/acc (final)"),

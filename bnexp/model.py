@@ -5,31 +5,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnexp.compiled import CompiledBatchNorm1d
-from bnexp.layers import BatchNorm1d
+from bnexp.config import NormConfig
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def make_norm(name: str, num_features: int, compile: bool = False, noise: dict | None = None) -> nn.Module:
-    """The normalization after a hidden Linear: none -> Identity, custom -> ours, native -> torch's,
-    custom_noisy -> ours followed by shifting noise (bnexp/noise.py; `noise` holds its shift, scale, jitter).
+    """The normalization after a hidden Linear, built by its registry entry (bnexp/nn/registry.py):
+    none -> Identity, custom -> ours, native -> torch's, custom_noisy -> ours followed by shifting
+    noise (`noise` holds its shift, scale, jitter), ...
 
     compile=True (norm.compile) picks CompiledBatchNorm1d, which fuses our layer's training
     formulas with torch.compile at large inputs (bnexp/compiled.py); its parameters and
     state_dict keys are the same, so checkpoints interchange with the eager layer.
     """
-    if name == "none":
-        return nn.Identity()
-    if name == "custom":
-        return CompiledBatchNorm1d(num_features) if compile else BatchNorm1d(num_features)
-    if name == "native":
-        return nn.BatchNorm1d(num_features)
-    if name == "custom_noisy":
-        from bnexp.noise import NoisyBatchNorm1d
+    from bnexp.nn.registry import variant
 
-        return NoisyBatchNorm1d(num_features, **(noise or {}))
-    raise ValueError(f"norm={name!r} is not known: one of none, custom, native, custom_noisy")
+    noise = noise or {}
+    cfg = NormConfig(name=name, compile=compile, **{f"noise_{k}": v for k, v in noise.items()})
+    return variant(name).make(num_features, cfg)
 
 
 class HiddenLayer(nn.Module):

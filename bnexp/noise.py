@@ -70,13 +70,7 @@ class NoisyBatchNorm1d(BatchNorm1d):
 
     def draw(self, shape: torch.Size) -> tuple[Tensor, Tensor]:
         """One step's multiplicative and additive noise (a, b) of `shape`, from the layer's generator."""
-        units = shape[1]
-        per_unit = (units,) + (1,) * (len(shape) - 2)  # (C,) or (C, 1) for an (N, C, L) input
-        u = torch.rand(2, units, generator=self.generator)
-        s = torch.exp((2 * u[0] - 1) * math.log(self.scale)).view(per_unit)
-        m = ((2 * u[1] - 1) * self.shift).view(per_unit)
-        e = torch.randn(2, *shape, generator=self.generator)
-        return s * (1 + self.jitter * e[0]), m + self.jitter * e[1]
+        return draw_noise(self.generator, shape, self.shift, self.scale, self.jitter)
 
     def get_extra_state(self) -> Tensor:
         """The generator's state (a uint8 tensor: plain data, loadable with weights_only)."""
@@ -87,6 +81,19 @@ class NoisyBatchNorm1d(BatchNorm1d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shift={self.shift}, scale={self.scale}, jitter={self.jitter}"
+
+
+def draw_noise(generator: torch.Generator, shape: torch.Size, shift: float, scale: float,
+               jitter: float) -> tuple[Tensor, Tensor]:
+    """One step's noise (a, b) of `shape` (N, C) or (N, C, L) from `generator`, as the module
+    docstring defines it; a stacked member draws its own with this function too."""
+    units = shape[1]
+    per_unit = (units,) + (1,) * (len(shape) - 2)  # (C,) or (C, 1) for an (N, C, L) input
+    u = torch.rand(2, units, generator=generator)
+    s = torch.exp((2 * u[0] - 1) * math.log(scale)).view(per_unit)
+    m = ((2 * u[1] - 1) * shift).view(per_unit)
+    e = torch.randn(2, *shape, generator=generator)
+    return s * (1 + jitter * e[0]), m + jitter * e[1]
 
 
 def noise_layers(model: nn.Module) -> list[NoisyBatchNorm1d]:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnexp.nn.registry import order as norm_order
 from bnexp.sweep import STATUSES, ReportError, Run
 
-NORM_ORDER = ("none", "custom", "native")  # the baseline first, then the two BN variants
 THRESHOLDS = (0.90, 0.95, 0.97)  # test accuracies the table always shows
 N_LOSS_COMPARE = 100  # custom vs native: compare this many first train/loss values
 AGREE_LOSS_TOL = 1e-3  # float rounding alone stays far below this after 100 steps
@@ -155,11 +155,11 @@ def summarize(runs: list[Run], target: float = 0.95, without_summary=()) -> Swee
 
 
 def _norm_key(norm: str):
-    return (NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER), norm)
+    return norm_order(norm)
 
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, float], list[Run]]:
-    """Runs by (norm, lr), norms in NORM_ORDER then by name, lrs ascending, seeds ascending in each."""
+    """Runs by (norm, lr), norms in registry order (bnexp/nn/registry.py) then by name, lrs ascending, seeds ascending in each."""
     groups: dict[tuple[str, float], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.norm, run.lr), []).append(run)

@@ -1,6 +1,6 @@
 """Train one MLP on MNIST, or a sweep of them.
 
-    python scripts/train.py norm=custom                       # our batch norm (default), ~1 min on 2 CPU cores
+    python scripts/train.py norm=custom                       # our batch norm (default; time: see below)
     python scripts/train.py norm=none optim.lr=0.1 train.steps=2000
     python scripts/train.py -m norm=none,custom,native seed=0,1,2
     python scripts/train.py experiment=smoke                  # seconds, a quick check
@@ -8,7 +8,8 @@
     python scripts/train.py -m experiment=santurkar           # also: depth, batch_size, placement (README)
     tensorboard --logdir outputs
 
-Configs: conf/ (see conf/config.yaml for every knob). Code: bnexp/cli.py -> bnexp/train.py.
+Configs: conf/ (see conf/config.yaml for every knob). Code: bnexp/cli.py -> bnexp/run/loop.py.
+How long the default run takes: docs/results/measurements.md#default-run.
 """
 
 import os

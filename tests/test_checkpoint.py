@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bnexp.config import flatten
-from bnexp.train import train
+from bnexp.run.loop import train
 from conftest import TINY_OVERRIDES, run_script, tiny_config
 
 PLAIN_LEAVES = (torch.Tensor, int, float, str, bool, type(None))

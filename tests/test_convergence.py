@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bnexp.config import to_config
 from bnexp.stats import summarize
 from bnexp.sweep import load_runs
-from bnexp.train import train
+from bnexp.run.loop import train
 from conftest import compose_config
 
 SEEDS = (0, 1, 2)
@@ -28,7 +28,9 @@ def sweep(tmp_path_factory):
     """9 runs: none/custom/native x 3 seeds, 3,000 steps at lr 0.1, test accuracy every 100 steps."""
     sweep_dir = tmp_path_factory.mktemp("low_lr_sweep")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on 2 busy cores can be 10x slower; 1 is as fast for this MLP
+    # 2 threads on 2 busy cores can be far slower (docs/results/measurements.md#test-timings);
+    # 1 is as fast for this MLP
+    torch.set_num_threads(1)
     for norm in ("none", "custom", "native"):
         for seed in SEEDS:
             cfg = to_config(compose_config([

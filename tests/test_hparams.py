@@ -5,7 +5,7 @@ What the real HParams tab makes of it is tested through the server in test_tenso
 
 from tensorboard.plugins.hparams import api_pb2, metadata
 
-from bnexp.config import NORMS, flatten
+from bnexp.config import flatten, norm_names
 from bnexp.hparams import hparams_summaries
 from conftest import compose_config
 
@@ -31,7 +31,7 @@ def test_distinguishing_keys_sort_first_under_their_own_titles():
     assert [i.name for i in experiment.hparam_infos] == sorted(i.name for i in experiment.hparam_infos)
     assert start.hparams["1.norm"].string_value == "native"
     assert start.hparams["2.optim.lr"].number_value == 0.3 and start.hparams["3.seed"].number_value == 4
-    assert list(infos[0].domain_discrete) == list(NORMS)  # every norm a run can have, custom_noisy too
+    assert list(infos[0].domain_discrete) == list(norm_names())  # every norm a run can have, custom_noisy too
 
 
 def test_no_machine_paths_and_booleans_stay_booleans():

@@ -456,8 +456,14 @@ FORBIDDEN = [
     r"\baten\s*\.\s*\w*batch_norm",
     r"\bnn\s*\.\s*BatchNorm",
     r"\bfrom\s+torch(\s*\.\s*\w+)*\s+import\b[^\n]*\b(batch_norm|BatchNorm\w*)\b",
+    # the other normalizations are written from their formulas too (bnexp/normalizations.py)
+    r"\b(F|functional|torch)\s*\.\s*(layer_norm|group_norm)\b",
+    r"\bnn\s*\.\s*(LayerNorm|GroupNorm)\b",
+    r"\bfrom\s+torch(\s*\.\s*\w+)*\s+import\b[^\n]*\b(layer_norm|group_norm|LayerNorm|GroupNorm)\b",
 ]
-ALLOWED = {"model.py": [r"\bnn\s*\.\s*BatchNorm1d\b"]}  # the `native` variant, nothing else
+NATIVE = [r"\bnn\s*\.\s*BatchNorm1d\b"]
+# the `native` variant's layer and its stacked form, nothing else
+ALLOWED = {"nn/registry.py": NATIVE, "nn/stacked.py": NATIVE}
 
 
 def code_without_strings_and_comments(source: str) -> str:
@@ -482,18 +488,20 @@ def test_forbidden_call_scanner_catches_what_it_should():
     assert forbidden_uses("m = torch.nn.BatchNorm1d(3)")
     assert forbidden_uses("m = torch . nn . BatchNorm2d(3)")
     assert not forbidden_uses('"""Like torch.nn.BatchNorm1d and F.batch_norm."""  # nn.BatchNorm1d')
-    assert not forbidden_uses("m = nn.BatchNorm1d(3)", ALLOWED["model.py"])
-    assert forbidden_uses("m = nn.BatchNorm2d(3)", ALLOWED["model.py"])
+    assert not forbidden_uses("m = nn.BatchNorm1d(3)", NATIVE)
+    assert forbidden_uses("m = nn.BatchNorm2d(3)", NATIVE)
+    assert forbidden_uses("y = F.layer_norm(x, (3,))") and forbidden_uses("m = nn.GroupNorm(2, 4)")
 
 
 def test_bnexp_never_calls_torch_batch_norm():
-    """Nothing in bnexp uses torch's batch norm, except model.py's `native` variant."""
-    files = sorted(PACKAGE_DIR.glob("*.py"))
-    assert PACKAGE_DIR / "layers.py" in files
+    """Nothing in bnexp (any subpackage) uses torch's normalizations, except the registry's
+    `native` variant and its stacked form."""
+    files = sorted(PACKAGE_DIR.rglob("*.py"))
+    assert PACKAGE_DIR / "layers.py" in files and PACKAGE_DIR / "nn" / "stacked.py" in files
     offences = {
-        path.name: found
+        rel: found
         for path in files
-        if (found := forbidden_uses(path.read_text(), ALLOWED.get(path.name, [])))
+        if (found := forbidden_uses(path.read_text(), ALLOWED.get(rel := path.relative_to(PACKAGE_DIR).as_posix(), [])))
     }
     assert offences == {}
 

@@ -8,7 +8,7 @@ import torch
 from bnexp import layers
 from bnexp.model import MLP, init_weights, make_norm
 from bnexp.noise import NoisyBatchNorm1d, noise_layers, seed_noise
-from bnexp.train import train
+from bnexp.run.loop import train
 from conftest import tiny_config
 from test_resume import assert_same_outcome, finish, start, wait_for_checkpoint
 from test_train import read_scalars

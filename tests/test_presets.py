@@ -7,7 +7,7 @@ shrunk: steps, evaluation and checkpoint periods, and the data, which is the tin
 import pytest
 
 from bnexp.config import flatten, to_config
-from bnexp.train import train
+from bnexp.run.loop import train
 from conftest import CONF_DIR, compose_config
 
 PRESETS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))

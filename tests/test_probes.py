@@ -14,7 +14,7 @@ from bnexp.config import ConfigError
 from bnexp.model import MLP, init_weights
 from bnexp.noise import seed_noise
 from bnexp.probes import Snapshot, covariate_shift, landscape, probed_step, train_mode_accuracy
-from bnexp.train import train
+from bnexp.run.loop import train
 from conftest import PROJECT_ROOT, tiny_config
 from test_train import read_scalars
 

@@ -14,7 +14,7 @@ import threading
 
 from bnexp import progress
 from bnexp.progress import ProgressBar
-from bnexp.train import train
+from bnexp.run.loop import train
 from conftest import tiny_config
 
 
@@ -52,7 +52,9 @@ def test_bar_moves_during_a_segment_on_a_terminal(tiny_mnist, tmp_path, monkeypa
     between (drawn by tick, not by an evaluation), the final loss and accuracy, and no nan."""
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal.stream)
-    monkeypatch.setattr(progress, "REFRESH_S", 0.0)  # draw at every step: the tiny run is ~0.1 s
+    # draw at every step: the tiny run is over before a timed redraw would come
+    # (its length: docs/results/measurements.md#test-timings)
+    monkeypatch.setattr(progress, "REFRESH_S", 0.0)
     cfg = tiny_config(tiny_mnist, "train.steps=200", "train.eval_every=200", "train.checkpoint_every=200")
     summary = train(cfg, tmp_path / "run", progress="auto")
     text = terminal.text()

@@ -1,4 +1,4 @@
-"""The step loop (bnexp/train.py) on tiny IDX data written by the test, through the real loader."""
+"""The step loop (bnexp/run/loop.py) with one member on tiny IDX data written by the test, through the real loader."""
 
 import json
 import math
@@ -9,7 +9,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bnexp.config import ConfigError
 from bnexp.data import DataError
-from bnexp.train import BatchOrder, evaluate, steps_to_test_acc, train
+from bnexp.run.engine import evaluate
+from bnexp.run.loop import train
+from bnexp.run.order import BatchOrder
+from bnexp.run.summary import steps_to_test_acc
 from conftest import expected_histogram_tags, expected_scalar_tags, tiny_config
 
 
@@ -20,7 +23,8 @@ def read_scalars(run_dir):
 
 
 def test_summary_has_every_field_of_the_design(tiny_mnist, tmp_path):
-    """summary.json: status, norm, seed, steps, final metrics, thresholds, timing, flat config."""
+    """summary.json (docs/design.md#summaryjson): status, norm, seed, steps, final metrics,
+    thresholds, timing, flat config."""
     cfg = tiny_config(tiny_mnist, "norm=custom", "seed=3")
     summary = train(cfg, tmp_path / "run")
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -37,7 +41,8 @@ def test_summary_has_every_field_of_the_design(tiny_mnist, tmp_path):
 
 @pytest.mark.parametrize("norm", ["none", "custom", "native"])
 def test_every_tensorboard_tag_is_written(tiny_mnist, tmp_path, norm):
-    """The design's tags, at the right steps; BN tags only for BN variants; one tag, one kind."""
+    """The tags of docs/design.md#tensorboard-tags, at the right steps; BN tags only for BN
+    variants; one tag, one kind."""
     train(tiny_config(tiny_mnist, f"norm={norm}"), tmp_path)
     acc = read_scalars(tmp_path)
     scalars, histograms = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])

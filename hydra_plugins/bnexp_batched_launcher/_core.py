@@ -4,8 +4,8 @@
    that only validates its config and notes its run dir: Hydra makes the dir, `.hydra/` and
    the job's log exactly as for a solo job. A bad value fails here, before any training.
 2. Train: jobs whose configs differ only in what a member may keep for itself
-   (bnexp.group.MEMBER_KEYS) form groups of at most `max_batch`; each group trains as one
-   vectorized model (bnexp.group.train_group) in this process, in worker processes
+   (bnexp.jobs.groups.MEMBER_KEYS) form groups of at most `max_batch`; each group trains as one
+   vectorized model (bnexp.run.loop.train_group) in this process, in worker processes
    (`n_jobs`), or as submitit jobs (`executor=local|slurm`).
 3. Report: every job goes through `run_job` again, now with the real callbacks, with a task
    that logs the job's one `done ...` line and returns its sweep objective, as bnexp.cli does.
@@ -29,18 +29,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from hydra._internal.callbacks import Callbacks  # an empty one: Hydra has no public constructor
+# The one private Hydra API here: an empty Callbacks for the prepare step's run_job, so that
+# callbacks see each job once (in the report step, with its result). Hydra 1.3 has no public
+# constructor for a HydraContext without callbacks; hydra-core is pinned <1.4 (pyproject.toml).
+from hydra._internal.callbacks import Callbacks
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bnexp import cli
+from bnexp.jobs import lifecycle
 from bnexp.config import Config, ConfigError, to_config
-from bnexp.group import (USER_ERRORS, GroupJob, MemberSpec, Outcome, make_groups, outcomes_path,
-                         read_outcomes, train_group, worker_main, write_request)
-from bnexp.runtime import ThreadChoice, available_cores, choose_threads, cores_per_job, work_per_op
-from bnexp.train import StopFlag
+from bnexp.jobs.groups import make_groups
+from bnexp.jobs.workers import GroupJob, outcomes_path, read_outcomes, worker_main, write_request
+from bnexp.run.loop import USER_ERRORS, MemberSpec, train_group
+from bnexp.run.member import Outcome
+from bnexp.runtime import ThreadChoice, available_cores, cores_per_job
+from bnexp.run.signals import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     try:
         check_settings(launcher)
     except ConfigError as exc:
-        cli.fail(str(exc))
+        lifecycle.fail(str(exc))
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -72,7 +77,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         check_distinct_dirs(jobs)
         groups = make_groups([job.spec.cfg for job in jobs], launcher.max_batch, _processes(launcher))
     except ConfigError as exc:
-        cli.fail(str(exc))
+        lifecycle.fail(str(exc))
     returns: dict[int, JobReturn] = {}
     finished: dict[int, Outcome] = {}
     stop = StopFlag()
@@ -226,21 +231,16 @@ def _n_jobs(launcher) -> int:
 
 
 def _threads(launcher, cfgs: list[Config], parallel: int) -> ThreadChoice:
-    """torch threads of a group's process, chosen as for a solo job (bnexp.runtime.choose_threads).
-
-    The cores: the processes that run at once share them (n_jobs x threads <= cores), or the
-    group takes its job's cpus_per_task. The work: each op of a group of K is one batched op
-    over the K members, K times a member's work per op (what its threads have to share).
-    """
-    cfg = cfgs[0]
+    """torch threads of a group's process, chosen as for a solo job (bnexp.jobs.lifecycle.threads):
+    the processes that run at once share the cores (n_jobs x threads <= cores), or the group
+    takes its job's cpus_per_task."""
     if launcher.executor != "none":
         cores = launcher.submitit.get("cpus_per_task") or 1
         why = f"submitit cpus_per_task={cores}"
     else:
         cores = cores_per_job(parallel)
         why = f"batched launcher runs {parallel} group{'s' if parallel > 1 else ''} at once on {available_cores()} cores"
-    work = len(cfgs) * work_per_op(cfg.model.widths, cfg.train.batch_size)
-    return choose_threads(cfg.threads, work, cores, why)
+    return lifecycle.threads(cfgs[0], len(cfgs), cores, why)
 
 
 def _in_this_process(specs, threads, stop: StopFlag) -> Iterator[tuple[int, list[Outcome]]]:
@@ -257,7 +257,7 @@ def _in_this_process(specs, threads, stop: StopFlag) -> Iterator[tuple[int, list
 
 def _in_workers(specs, threads, parallel: int, folder: Path,
                 stop: StopFlag) -> Iterator[tuple[int, list[Outcome]]]:
-    """At most `parallel` groups at once, each in a process of its own (bnexp.group.worker_main).
+    """At most `parallel` groups at once, each in a process of its own (bnexp.jobs.workers.worker_main).
 
     A signal to the launcher goes on to every worker, which checkpoints its members; no new
     worker starts after one. A worker that dies without writing its outcomes is an error.
@@ -311,13 +311,13 @@ def _worker_context():
     more than a group of 13 convergence runs spends on its first 300 steps; a fork of the
     server is ready in ~0.02 s. Forked from the server, not from this process: this one may
     have touched OpenMP, which does not survive a fork. A worker watches this process and
-    stops when it dies (bnexp.group._stop_with_launcher). Where there is no fork server
+    stops when it dies (bnexp.jobs.workers._stop_with_launcher). Where there is no fork server
     (Windows), each worker is a fresh process that imports everything itself.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "bnexp.group", "torch._dynamo"])
+    context.set_forkserver_preload(["__main__", "bnexp.jobs.workers", "torch._dynamo"])
     return context
 
 
@@ -359,8 +359,7 @@ def report(launcher, job: Job, outcome: Outcome, group_size: int, threads: Threa
     def done(task_cfg: DictConfig) -> float:
         log.info("torch threads: %d (%s; trained in a batched group of %d)", threads.threads, threads.why,
                  group_size)
-        cli.report_job(outcome.summary)
-        return cli.objective(outcome.summary)
+        return lifecycle.finish(outcome.summary)
 
     ret = run_job(hydra_context=launcher.hydra_context, task_function=done, config=job.config,
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
@@ -373,19 +372,17 @@ def stop_if_unfinished(jobs: list[Job], finished: dict[int, Outcome], sweep_dir:
     """User errors: one line each, exit 2. Interrupted or never started: the resume command,
     exit 128 + signal."""
     errors = sorted({o.error for o in finished.values() if o.error is not None})
+    for error in errors[:-1]:
+        print(f"error: {error}", file=sys.stderr)
     if errors:
-        for error in errors:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        lifecycle.fail(errors[-1])
     stopped = [o for o in finished.values() if o.signum is not None]
     missing = len(jobs) - len(finished)
     if not stopped and not missing:
         return
     signum = stopped[0].signum if stopped else signum or 2
-    print(f"interrupted: {len(stopped)} runs checkpointed, {missing} not started, "
-          f"{len(finished) - len(stopped)} finished (kept). Resume with:\n"
-          f"  {sweep_resume_command(sweep_dir)}", file=sys.stderr)
-    sys.exit(128 + signum)
+    lifecycle.stop(signum, f"interrupted: {len(stopped)} runs checkpointed, {missing} not started, "
+                           f"{len(finished) - len(stopped)} finished (kept).", sweep_resume_command(sweep_dir))
 
 
 def sweep_resume_command(sweep_dir: Path) -> str:

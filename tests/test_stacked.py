@@ -1,38 +1,45 @@
-"""bnexp/batched.py: K stacked MLPs compute what K solo MLPs compute, member by member."""
+"""bnexp/nn/stacked.py: K stacked MLPs compute what K solo MLPs compute, member by member."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bnexp.batched import BatchedMLP, evaluate_members, member_losses, stacked_optimizer
+from bnexp.config import NormConfig
 from bnexp.model import MLP, init_weights
-from bnexp.train import evaluate
+from bnexp.nn.stacked import StackedMLP, evaluate_members, member_losses
+from bnexp.nn.stacked_optim import stacked_optimizer
+from bnexp.noise import seed_noise
+from bnexp.run.engine import evaluate
 
 WIDTHS = [16, 12]
 
 
-def solo_models(norm: str, activation: str = "sigmoid", k: int = 3) -> list[MLP]:
-    """k solo MLPs as bnexp.train.Run builds them, each with its own seed and init std."""
+def solo_models(norm: str, activation: str = "sigmoid", k: int = 3, position: str = "before") -> list[MLP]:
+    """k solo MLPs as bnexp.run.member.build_model builds them, each with its own seed and init std."""
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
-        model = MLP(WIDTHS, activation, norm)
+        model = MLP(WIDTHS, activation, norm, position=position)
         init_weights(model, 0.1 * (seed + 1), torch.Generator().manual_seed(seed))
+        seed_noise(model, seed)
         models.append(model)
     return models
 
 
-def stack(models: list[MLP], norm: str, activation: str = "sigmoid") -> BatchedMLP:
-    batched = BatchedMLP(len(models), WIDTHS, activation, norm)
+def stack(models: list[MLP], norm: str, activation: str = "sigmoid") -> StackedMLP:
+    batched = StackedMLP(len(models), models[0], NormConfig(name=norm))
     for k, model in enumerate(models):
         batched.load_member(k, model)
     return batched
 
 
-@pytest.mark.parametrize("norm,activation", [("none", "sigmoid"), ("custom", "relu"), ("native", "tanh")])
-def test_forward_backward_and_running_stats_are_each_members_own(norm, activation):
-    """Training mode: each member's logits, gradients and updated running stats are its solo ones."""
-    models = solo_models(norm, activation)
+@pytest.mark.parametrize("norm,activation,position", [
+    ("none", "sigmoid", "before"), ("custom", "relu", "before"), ("native", "tanh", "before"),
+    ("custom", "sigmoid", "after"), ("custom_noisy", "sigmoid", "before"), ("custom_noisy", "relu", "after")])
+def test_forward_backward_and_running_stats_are_each_members_own(norm, activation, position):
+    """Training mode: each member's logits, gradients, updated running stats and noise draws
+    are its solo ones, in either position of the norm."""
+    models = solo_models(norm, activation, position=position)
     batched = stack(models, norm, activation)
     gen = torch.Generator().manual_seed(5)
     x, y = torch.randn(3, 20, 784, generator=gen), torch.randint(0, 10, (3, 20), generator=gen)
@@ -45,18 +52,17 @@ def test_forward_backward_and_running_stats_are_each_members_own(norm, activatio
         torch.testing.assert_close(losses[k], loss)
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name][k].view_as(p), p.grad)
-        back = MLP(WIDTHS, activation, norm)
-        batched.store_member(k, back)  # running statistics included
+        back = MLP(WIDTHS, activation, norm, position=position)
+        batched.store_member(k, back)  # running statistics and noise generators included
         for name, value in model.state_dict().items():
-            if not name.endswith("num_batches_tracked"):
-                torch.testing.assert_close(back.state_dict()[name], value)
+            torch.testing.assert_close(back.state_dict()[name], value)
 
 
 @pytest.mark.parametrize("rows", [None, 64], ids=["one-chunk", "chunks-of-64"])
 @pytest.mark.parametrize("norm", ["none", "custom", "native"])
 def test_shared_evaluation_matches_solo_evaluate(norm, rows):
     """Eval mode on one split, whole or in chunks (the last one short): each member's loss and
-    accuracy as bnexp.train.evaluate gives them."""
+    accuracy as bnexp.run.engine.evaluate gives them."""
     models = solo_models(norm)
     batched = stack(models, norm)
     gen = torch.Generator().manual_seed(1)
@@ -82,7 +88,7 @@ def test_store_and_load_are_exact_and_slots_independent():
         batched.store_member(k, back)
         assert all(torch.equal(back.state_dict()[n], v) for n, v in models[k].state_dict().items()
                    if not n.endswith("num_batches_tracked"))
-    assert all((view[1] == 0).all() for view in batched.slots().values())
+    assert all((view[1] == 0).all() for view in batched.slots().values() if view.dim() > 0)  # dim 0: shared counters
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])

@@ -1,0 +1,104 @@
+"""The norm registry: every normalization a run can use, each in one entry.
+
+An entry says everything the rest of bnexp needs to know about a variant: how to build its
+layer for one run (`make`), how to build the same layer for K stacked members (`stack`, used
+by bnexp/nn/stacked.py; None if it has no stacked form), whether it keeps running statistics
+(TensorBoard logs them), what `norm.compile=true` does to it, and how reports draw it (label,
+colour, line, marker; its place in tables and legends is its place in `NORMS`).
+
+Adding a normalization is its layer code plus one entry here (plus `conf/norm/<name>.yaml`,
+so that Hydra offers `norm=<name>`, and its tests). The model, the loop, the launcher, the
+statistics, the figures and the HParams domains all read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NormVariant:
+    """One value of the `norm` config group."""
+
+    name: str
+    label: str  # in tables and legends
+    color: str  # matplotlib colour, the same in every figure
+    line: str  # matplotlib line style
+    marker: str
+    make: Callable[..., nn.Module]  # (num_features, norm_cfg) -> the layer after a hidden Linear
+    stack: Callable[..., nn.Module] | None  # (members, num_features, norm_cfg) -> the K-member layer
+    running_stats: bool  # keeps running_mean / running_var buffers
+    compile: str = "ignored"  # norm.compile=true: "fused" (a compiled form), "ignored" (nothing to compile), "refused"
+    takes_noise: bool = False  # reads norm.noise_* (bnexp/noise.py)
+
+
+def _identity(*_args) -> nn.Module:
+    return nn.Identity()
+
+
+def _custom(num_features: int, cfg) -> nn.Module:
+    from bnexp.compiled import CompiledBatchNorm1d
+    from bnexp.layers import BatchNorm1d
+
+    return CompiledBatchNorm1d(num_features) if cfg.compile else BatchNorm1d(num_features)
+
+
+def _native(num_features: int, cfg) -> nn.Module:
+    return nn.BatchNorm1d(num_features)
+
+
+def _noise_args(cfg) -> dict:
+    return {"shift": cfg.noise_shift, "scale": cfg.noise_scale, "jitter": cfg.noise_jitter}
+
+
+def _custom_noisy(num_features: int, cfg) -> nn.Module:
+    from bnexp.noise import NoisyBatchNorm1d
+
+    return NoisyBatchNorm1d(num_features, **_noise_args(cfg))
+
+
+def _stacked_custom(members: int, num_features: int, cfg) -> nn.Module:
+    from bnexp.nn import stacked
+
+    cls = stacked.StackedCompiledBatchNorm1d if cfg.compile else stacked.StackedBatchNorm1d
+    return cls(members * num_features)
+
+
+def _stacked_native(members: int, num_features: int, cfg) -> nn.Module:
+    from bnexp.nn import stacked
+
+    return stacked.StackedTorchBatchNorm1d(members * num_features)
+
+
+def _stacked_noisy(members: int, num_features: int, cfg) -> nn.Module:
+    from bnexp.nn import stacked
+
+    return stacked.StackedNoisyBatchNorm1d(members, num_features, **_noise_args(cfg))
+
+
+# In display order: the baseline first, then our layer, the reference, and the controls.
+NORMS: dict[str, NormVariant] = {v.name: v for v in (
+    NormVariant("none", "none", "tab:red", "-", "o", _identity, _identity, running_stats=False),
+    # custom and native should overlap exactly: different dashes and markers keep both visible
+    NormVariant("custom", "custom", "tab:blue", "-", "o", _custom, _stacked_custom, running_stats=True,
+                compile="fused"),
+    NormVariant("native", "native", "tab:green", "--", "s", _native, _stacked_native, running_stats=True),
+    NormVariant("custom_noisy", "custom_noisy", "tab:purple", "-.", "^", _custom_noisy, _stacked_noisy,
+                running_stats=True, takes_noise=True, compile="refused"),
+)}
+
+
+def variant(name: str) -> NormVariant:
+    """The registry entry of `name`; ValueError naming the known ones otherwise."""
+    if name not in NORMS:
+        raise ValueError(f"norm={name!r} is not known: one of {', '.join(NORMS)}")
+    return NORMS[name]
+
+
+def order(name: str) -> tuple[int, str]:
+    """Sort key: registry order, unknown names (old run dirs) after, by name."""
+    names = list(NORMS)
+    return (names.index(name) if name in names else len(names), name)

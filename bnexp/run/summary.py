@@ -1,0 +1,88 @@
+"""summary.json: the typed structure its writer (bnexp/run/member.py) and its readers share.
+
+The contract (docs/design.md#summaryjson): status is decided by `run_status` and nowhere else;
+`steps_to_test_acc[t]` is the first evaluated step whose test accuracy reached t, else None;
+`train_steps_per_s` is training steps over the seconds spent in them (evaluation excluded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+THRESHOLDS = ("0.90", "0.95", "0.97", "0.98")  # the keys of steps_to_test_acc
+STATUSES = ("completed", "diverged", "interrupted")
+Status = Literal["completed", "diverged", "interrupted"]
+
+
+class Final(TypedDict, total=False):
+    train_loss: float  # mean training loss since the evaluation before the last
+    val_acc: float
+    test_acc: float
+    test_loss: float
+    test_acc_train_mode: float  # only with probe.train_mode_acc=true
+
+
+class Summary(TypedDict):
+    status: Status
+    norm: str
+    seed: int
+    steps_done: int
+    diverged_at_step: int | None
+    final: Final
+    steps_to_test_acc: dict[str, int | None]
+    wall_s: float
+    train_steps_per_s: float | None
+    config: dict[str, Any]  # the flattened config
+
+
+@dataclass
+class Progress:
+    """Everything about a run's history besides tensors; a checkpoint carries it as a plain dict."""
+
+    step: int = 0
+    diverged_at_step: int | None = None  # the first step whose loss was not finite: the run's status follows
+    evals: list[dict] = field(default_factory=list)
+    loss_sum: float = 0.0  # train losses since the last eval point, for final.train_loss
+    loss_count: int = 0
+    last_train_loss: float = float("nan")
+    train_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def steps_to_test_acc(evals: list[dict]) -> dict[str, int | None]:
+    """For each threshold, the first evaluated step whose test accuracy reached it, else None."""
+    reached: dict[str, int | None] = {}
+    for t in THRESHOLDS:
+        hits = [e["step"] for e in evals if e["test/acc"] >= float(t)]
+        reached[t] = min(hits) if hits else None
+    return reached
+
+
+def run_status(p: Progress, steps: int) -> Status:
+    """The run's status, decided here and nowhere else: diverged once a loss was not finite,
+    completed once all `steps` are done, else interrupted (stopped short by a signal, or not yet resumed)."""
+    if p.diverged_at_step is not None:
+        return "diverged"
+    return "completed" if p.step >= steps else "interrupted"
+
+
+def run_summary(p: Progress, norm: str, seed: int, steps: int, config: dict[str, Any]) -> Summary:
+    """summary.json: a pure function of the run's progress and its (flattened) config."""
+    status, last = run_status(p, steps), p.evals[-1]
+    final: Final = {"train_loss": p.last_train_loss, "val_acc": last["val/acc"],
+                    "test_acc": last["test/acc"], "test_loss": last["test/loss"]}
+    if "test/acc_train_mode" in last:  # probe.train_mode_acc only
+        final["test_acc_train_mode"] = last["test/acc_train_mode"]
+    return {
+        "status": status,
+        "norm": norm,
+        "seed": seed,
+        "steps_done": p.diverged_at_step if status == "diverged" else p.step,
+        "diverged_at_step": p.diverged_at_step,
+        "final": final,
+        "steps_to_test_acc": steps_to_test_acc(p.evals),
+        "wall_s": round(p.wall_s, 3),
+        "train_steps_per_s": round(p.step / p.train_s, 1) if p.train_s > 0 else None,
+        "config": config,
+    }
