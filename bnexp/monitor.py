@@ -11,17 +11,27 @@ with probe.train_mode_acc: `test/acc_train_mode` beside the evaluation metrics.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tensorboard.compat import tf
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog, SourceMetadata
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.summary.writer.event_file_writer import EventFileWriter, _AsyncWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import histogram
+from torch.utils.tensorboard.writer import FileWriter
 
 from bnexp import crc32c
 from bnexp.hparams import hparams_summaries
@@ -29,17 +39,76 @@ from bnexp.tags import (BN_STATS, PERCENTILES, STEPS_TAG, STEPS_TARGET, act_tag,
                         bn_scalar_tag, describe)
 
 
+EVENT_FILE_PREFIX = "events.out.tfevents."
+_SECONDS = re.compile(re.escape(EVENT_FILE_PREFIX) + r"(\d+)")
+_files = itertools.count()  # this process's event files, as TensorBoard's writer counts them
+
+
+def event_file_name(run_dir: Path, now: float | None = None) -> str:
+    """A new event file's name in run_dir that sorts after every event file already there.
+
+    TensorBoard reads a run's event files one after another in name order (its DirectoryWatcher
+    sorts them), so a resumed run's purge marker (Monitor's purge_step) only drops the killed
+    process's later events when the resumed file comes after the killed one's. TensorBoard's
+    EventFileWriter names a file `events.out.tfevents.<seconds>.<host>.<pid>.<n>` (n counts the
+    process's writers) and compares pid and n as text: a run resumed in the same second sorts
+    before or after its earlier file by chance (counter 10 < 9, pid 10234 < 5784), and any
+    run resumed after the clock stepped back sorts first. Here the seconds are now or one past
+    the latest event file's in the dir, whichever is later: ten digits, so larger seconds sort
+    later whatever follows them (until the year 2286); host, pid and counter stay as TensorBoard's.
+    """
+    seconds = [int(m[1]) for p in Path(run_dir).glob(EVENT_FILE_PREFIX + "*") if (m := _SECONDS.match(p.name))]
+    at = max(int(time.time() if now is None else now), max(seconds, default=-1) + 1)
+    return f"{EVENT_FILE_PREFIX}{at:010d}.{socket.gethostname()}.{os.getpid()}.{next(_files)}"
+
+
+class NamedEventFileWriter(EventFileWriter):
+    """TensorBoard's EventFileWriter writing to the file `path` rather than one it names after the
+    clock (event_file_name says why). Its __init__ is EventFileWriter's with that one change;
+    the rest (queue, writer thread, flush, close) is EventFileWriter's own."""
+
+    def __init__(self, path: Path, max_queue_size: int = 10, flush_secs: float = 120):
+        self._logdir = str(Path(path).parent)
+        tf.io.gfile.makedirs(self._logdir)
+        self._file_name = str(path)
+        self._general_file_writer = tf.io.gfile.GFile(self._file_name, "wb")
+        self._async_writer = _AsyncWriter(RecordWriter(self._general_file_writer), max_queue_size, flush_secs)
+        self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2",
+                             source_metadata=SourceMetadata(writer="tensorboard.summary.writer.event_file_writer")))
+        self.flush()
+
+
+class RunWriter(SummaryWriter):
+    """torch's SummaryWriter whose event file is named by event_file_name: it sorts after the
+    run dir's earlier event files, so on resume the purge marker and the new events are read
+    after the killed process's events, as SummaryWriter's purge_step assumes."""
+
+    def _get_file_writer(self):
+        """SummaryWriter's, with the file named by event_file_name (and no filename_suffix)."""
+        if self.all_writers is None or self.file_writer is None:
+            file_writer = FileWriter.__new__(FileWriter)  # its __init__ only makes the EventFileWriter
+            file_writer.event_writer = NamedEventFileWriter(Path(self.log_dir) / event_file_name(Path(self.log_dir)),
+                                                            self.max_queue, self.flush_secs)
+            self.file_writer, self.all_writers = file_writer, {file_writer.get_logdir(): file_writer}
+            if self.purge_step is not None:  # as SummaryWriter: a restart marker at purge_step
+                file_writer.add_event(Event(step=self.purge_step, file_version="brain.Event:2"))
+                file_writer.add_event(Event(step=self.purge_step, session_log=SessionLog(status=SessionLog.START)))
+                self.purge_step = None
+        return self.file_writer
+
+
 class Monitor:
     """A TensorBoard writer for one run.
 
     `purge_step` is passed on to SummaryWriter: on resume from step s it is s + 1, so events
     that the killed process wrote after its last checkpoint are dropped and the curve stays
-    continuous; on a fresh start over leftover events it is 0.
+    continuous; on a fresh start over leftover events it is 0. That needs the new event file
+    to sort after the earlier ones, which RunWriter's name makes sure of (event_file_name).
     """
 
     def __init__(self, run_dir: Path, purge_step: int | None = None):
         crc32c.install()  # the records' checksums with numpy: ~8 ms less per evaluation (crc32c.py)
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self.writer = RunWriter(log_dir=str(run_dir), purge_step=purge_step)
         self.described: set[str] = set()  # tags whose first event (with the description) is written
 
     def _write(self, summary: Summary, step: int, plugin) -> None:
@@ -58,7 +127,7 @@ class Monitor:
     def train_losses(self, first_step: int, values: list[float], every: int) -> None:
         """Write a segment's per-step losses in bulk: values[i] belongs to step first_step + i.
 
-        The loop keeps them on the device and syncs once per segment (bnexp.train.run_segment):
+        The loop keeps them on the device and syncs once per segment (bnexp.run.loop.Loop.run_segment):
         a sync and add_scalar on every step cost ~20% of throughput.
         """
         for i, value in enumerate(values):

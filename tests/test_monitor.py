@@ -1,11 +1,15 @@
-"""bnexp/monitor.py: the fast percentiles it logs are torch.nanquantile's, bit for bit."""
+"""bnexp/monitor.py: the fast percentiles it logs are torch.nanquantile's, bit for bit; a new
+event file sorts after the run dir's earlier ones, so a resumed curve stays continuous."""
 
 import math
+import socket
+import time
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnexp.monitor import nanquantile
+from bnexp.monitor import Monitor, nanquantile
 
 Q = torch.tensor([0.15, 0.5, 0.85])  # the act/ percentiles (bnexp/tags.py)
 
@@ -40,3 +44,49 @@ def test_edge_cases_as_torch(values):
     z = torch.tensor(values)
     mine, theirs = nanquantile(z, Q), torch.nanquantile(z, Q)
     assert torch.equal(mine.isnan(), theirs.isnan()) and torch.equal(mine.nan_to_num(), theirs.nan_to_num())
+
+
+# -- the event file's name: a resumed run's events sort after the run's earlier ones --------------
+
+def event_files(run_dir):
+    """The run dir's event files in the order TensorBoard reads them (sorted by name)."""
+    return sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))
+
+
+def later_name(seconds: int) -> str:
+    """An event file name that a naive new one (now, this host, this pid) would sort before:
+    seconds at or past now, and a pid and counter that compare high as text."""
+    return f"events.out.tfevents.{seconds:010d}.{socket.gethostname()}.99999999.9"
+
+
+@pytest.mark.parametrize("ahead", [0, 1000], ids=["same-second", "future-timestamp"])
+def test_a_new_event_file_sorts_after_every_event_file_in_the_dir(tmp_path, ahead):
+    """In the same second (counter 10 < 9 as text, another pid) or after a clock step back."""
+    old = later_name(int(time.time()) + ahead)
+    (tmp_path / old).write_bytes(b"")
+    monitor = Monitor(tmp_path, purge_step=5)
+    monitor.close()
+    names = event_files(tmp_path)
+    assert len(names) == 2 and names[0] == old
+    assert int(names[1].split(".")[3]) > int(old.split(".")[3])  # later seconds: last whatever follows
+
+
+def test_a_resume_stays_continuous_when_the_earlier_file_would_sort_last(tmp_path):
+    """A real resume (purge_step): the killed process's file named so that a naive new one would
+    sort before it; TensorBoard still reads one continuous curve, the resumed values after step 40."""
+    first = Monitor(tmp_path, purge_step=0)
+    for step in range(1, 61):
+        first.scalar("val/acc", 1.0, step)
+    first.close()
+    (written,) = tmp_path.glob("events.out.tfevents.*")
+    written.rename(tmp_path / later_name(int(time.time()) + 1000))
+    resumed = Monitor(tmp_path, purge_step=41)
+    for step in range(41, 51):  # stopped again before step 60: steps 51..60 of the first process are stale
+        resumed.scalar("val/acc", 2.0, step)
+    resumed.close()
+    assert len(event_files(tmp_path)) == 2
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("val/acc")
+    assert [e.step for e in events] == list(range(1, 51))
+    assert [e.value for e in events] == [1.0] * 40 + [2.0] * 10

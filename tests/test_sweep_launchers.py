@@ -280,12 +280,22 @@ def test_workers_checkpoint_and_exit_when_the_launcher_is_killed(tiny_mnist, tmp
 
 def test_slurm_executor_gets_the_launchers_job_parameters(tmp_path, monkeypatch):
     """executor=slurm builds a submitit SLURM executor (no cluster needed to build it) with the
-    config's time, cpus, memory, partition from $BNEXP_SLURM_PARTITION and requeue count."""
+    config's time, cpus, memory, partition from $BNEXP_SLURM_PARTITION and requeue count.
+
+    submitit's SlurmExecutor refuses to be built where `srun` is not on PATH, though building it
+    runs nothing: a stand-in srun first on PATH lets it build anywhere (here and on a cluster),
+    and fails loudly should anything run it."""
     from bnexp.config import PROJECT_ROOT, register_configs
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from hydra_plugins.bnexp_batched_launcher._core import make_executor
 
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text('#!/bin/sh\necho "srun stand-in of test_sweep_launchers.py: not to be run" >&2\nexit 1\n')
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("BNEXP_SLURM_PARTITION", "debug")
     register_configs()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
