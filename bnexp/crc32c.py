@@ -2,15 +2,16 @@
 
 Every record of an event file carries two masked CRC-32C checksums (of its length and of its
 bytes). Without TensorFlow, TensorBoard computes them in pure Python, one loop turn per byte
-(tensorboard.compat.tensorflow_stub.pywrap_tensorflow.crc32c), on the event writer's thread. A
-run writes ~37 KB per evaluation (six running-statistics histograms, three of them ~9.5 KB, and
-~110 scalars): ~9 ms of that thread's time, which also holds the GIL the training thread
-needs. A batched group of 25 convergence runs evaluates each member 41 times: ~9 s of checksums
-per group, most of the 13 s its 4,000 training steps take on a GPU. `install()` swaps in
-`masked_crc32c` below: 0.19 ms instead of 2.2 ms for a ~9.5 KB histogram record; records under
-64 bytes (headers, most scalars) keep a byte loop, which beats numpy's fixed cost there. Per evaluation of a run: ~14 ms of logging instead of
-~22 ms (2-core Xeon). The bytes written are identical (tests/test_crc32c.py checks it against
-TensorBoard's own function).
+(tensorboard.compat.tensorflow_stub.pywrap_tensorflow.crc32c), on the event writer's thread.
+Every evaluation writes the running-statistics histograms (the large records) and the scalars,
+and checksumming them byte by byte takes milliseconds of that thread's time, in which it also
+holds the GIL the training thread needs. A batched group evaluates every member at every eval
+point, so on a GPU the checksums were most of a group's training time. `install()` swaps in
+`masked_crc32c` below, many times faster on a histogram record; records under 64 bytes
+(headers, most scalars) keep a byte loop, which beats numpy's fixed cost there. Record sizes,
+per-record and per-evaluation times, and the group's totals (measured:
+docs/results/measurements.md#crc32c). The bytes written are identical (tests/test_crc32c.py
+checks it against TensorBoard's own function).
 
 How: CRC-32C is linear over GF(2). Starting from register 0, byte b at distance k from the
 end contributes A^k(T[b]), where T is the byte table and A the register update for a zero
@@ -25,7 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 POLY = 0x82F63B78  # CRC-32C (Castagnoli), bit-reflected
-BLOCK = 4096  # bytes per table block: P is BLOCK x 256 x 4 B = 4 MiB, built in ~20 ms by install()
+# Bytes per table block: P is BLOCK x 256 x 4 B = 4 MiB, built once by install()
+# (its build time, measured: docs/results/measurements.md#crc32c)
+BLOCK = 4096
 _P: np.ndarray | None = None
 
 
@@ -50,7 +53,9 @@ def _block_table() -> np.ndarray:
     return _P
 
 
-SHORT = 64  # bytes below which the plain byte loop beats numpy's ~8 us per call (headers: 8 bytes)
+# Bytes below which the plain byte loop beats numpy's fixed cost per call (headers: 8 bytes;
+# measured: docs/results/measurements.md#crc32c)
+SHORT = 64
 _T = [int(v) for v in _byte_table()]
 
 

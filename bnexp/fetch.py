@@ -122,7 +122,7 @@ def _from_gz(raw: Path, staging: Path) -> Path:
 
 
 def _from_torchvision(raw: Path, staging: Path) -> Path:
-    import torchvision  # here, not at the top: importing it costs about a second
+    import torchvision  # here, not at the top: importing it is slow (docs/results/measurements.md#fetch)
 
     # note: the default socket timeout is process-wide; torchvision's urlopen has none of its own
     old_timeout = socket.getdefaulttimeout()

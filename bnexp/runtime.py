@@ -4,7 +4,8 @@ Threads on a shared machine. Every matmul and large op of a training step is an 
 parallel region that ends only when each of its threads has done its part. When another
 process holds one of the cores, the thread waiting for it is descheduled and the region waits
 for a scheduler slice (milliseconds), dozens of times a step: beside one busy process a 2-thread
-run of the default MLP kept 19% of its speed, while one thread keeps its whole core. A second
+run of the default MLP kept only a small part of its speed (measured:
+docs/results/measurements.md#threads), while one thread keeps its whole core. A second
 thread is worth that risk only when each op has enough work to share, so `threads=auto` takes
 one thread below a crossover of work per op measured by `scripts/bench.py --sections threads`,
 and this job's share of the cores above it. Jobs of a sweep that run at once split the cores
@@ -21,12 +22,13 @@ import torch
 from bnexp.config import ConfigError
 
 # Work per op (mean multiply-adds per matmul, work_per_op) from which `threads=auto` gives a run
-# more than one thread. Measured (`python scripts/bench.py --sections threads --repeats 3`, quiet
-# 2-core Xeon, passive OpenMP wait, docs/results/bench_threads.json): alone, 2 threads lose below
-# it (0.78x of 1 thread at 1.5M, 0.90x at 5M) and win from 21.4M up (1.11x, rising to 1.80x at
-# 745M); beside one busy process they never win (0.65-1.00x), but above it they lose at most a
-# third, where below it a second thread is pure loss. So the crossover is the one measured alone,
-# just under its first paying shape. The default MLP at batch 60 does 1.5M per op: 1 thread.
+# more than one thread. From `python scripts/bench.py --sections threads --repeats 3` (passive
+# OpenMP wait, docs/results/bench_threads.json; the figures and the machine:
+# docs/results/measurements.md#threads): alone, 2 threads lose to 1 below it and win from the
+# first measured shape above it on, by more the larger the shape; beside one busy process they
+# never win, but above it they lose less, where below it a second thread is pure loss. So the
+# crossover is the one measured alone, just under its first paying shape. The default MLP at
+# batch 60 does 1.5M per op: 1 thread.
 THREADS_CROSSOVER_MACS = 20_000_000
 MNIST_INPUTS, MNIST_CLASSES = 784, 10
 

@@ -1,9 +1,10 @@
 """A sweep dir as data: one `Run` per run dir, with its summary.json and TensorBoard scalars.
 
 A sweep dir holds one run dir per (norm, lr, seed), found at any depth, each with `summary.json`
-and event files (design.md fixes both). `load_runs` reads them all and refuses, in one line,
-what the report cannot use: a missing or empty dir, a summary.json without the contract's
-fields, runs of different experiments mixed in one dir.
+and event files (docs/design.md#summaryjson and docs/design.md#tensorboard-tags fix both).
+`load_runs` reads them all and refuses, in one line, what the report cannot use: a missing or
+empty dir, a summary.json without the contract's fields, runs of different experiments mixed
+in one dir.
 """
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def read_curves(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """All scalar tags of the event files directly in run_dir, as (steps, values) sorted by step."""
     if not any(Path(run_dir).glob("events.out.tfevents.*")):
         return {}
-    # note: parses every event in the files: ~1.4 s for a 10k-step run (10k losses, 100 evals) on one CPU core
+    # note: parses every event in the files, the slow part of loading a sweep (measured for a
+    # 10k-step run: docs/results/measurements.md#reading-event-files)
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()  # also drops events orphaned by a resumed run's purge_step marker
     curves = {}

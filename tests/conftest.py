@@ -89,7 +89,7 @@ def run_script(*args: str, cwd: Path, timeout: float = 300, env: dict | None = N
 
 
 def expected_scalar_tags(layers: int, norm: str) -> set[str]:
-    """The design's TensorBoard scalar tags for a run with `layers` hidden layers."""
+    """The TensorBoard scalar tags of docs/design.md#tensorboard-tags for a run with `layers` hidden layers."""
     tags = {"train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "lr", "summary/steps_to_0.95"}
     tags |= {f"act/layer{k}/p{p}" for k in range(1, layers + 1) for p in (15, 50, 85)}
     if norm != "none":
@@ -98,7 +98,7 @@ def expected_scalar_tags(layers: int, norm: str) -> set[str]:
 
 
 def expected_histogram_tags(layers: int, norm: str) -> set[str]:
-    """The design's histogram tags: each BN layer's running statistics (none without BN)."""
+    """The histogram tags of docs/design.md#tensorboard-tags: each BN layer's running statistics (none without BN)."""
     if norm == "none":
         return set()
     return {f"bn/layer{k}/{s}" for k in range(1, layers + 1) for s in ("running_mean", "running_var")}

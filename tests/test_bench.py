@@ -76,7 +76,7 @@ def test_bench_sweep_options_are_checked():
         assert "--sweep-device cuda: torch sees no CUDA GPU on this machine (allowed here: cpu)" in result.stderr
 
 
-@pytest.mark.slow  # ~25 s on a quiet machine: four processes, two of them beside a busy loop
+@pytest.mark.slow  # four processes, two of them beside a busy loop (time: docs/results/measurements.md#test-timings)
 def test_bench_threads_section_compares_one_and_two_threads(tmp_path):
     """--sections threads: per wait policy and shape, 1 and 2 threads alone and beside a busy
     loop, each in a process of its own; the measured and the configured crossover."""

@@ -18,7 +18,7 @@ def test_every_norm_and_optim_composes_and_validates(norm, optim):
 
 
 def test_defaults_match_the_design():
-    """The defaults the issue and design fix: 3x100 sigmoid, batch 60, custom BN, auto device."""
+    """The defaults the issue and docs/design.md#config-keys fix: 3x100 sigmoid, batch 60, custom BN, auto device."""
     cfg = to_config(compose_config())
     assert cfg.model.widths == [100, 100, 100]
     assert cfg.model.activation == "sigmoid"

@@ -304,7 +304,8 @@ def test_fetch_killed_half_way_leaves_nothing_trusted(tmp_path, phase):
     proc.kill()
     proc.wait()
     # pip dies with its parent (PR_SET_PDEATHSIG). An orphan pip would go on writing into a
-    # staging dir the next fetch has swept (it ran ~1 s more here, until its output pipe broke).
+    # staging dir the next fetch has swept (it ran on here until its output pipe broke; for how
+    # long: docs/results/measurements.md#test-timings).
     for pid in children:
         deadline = time.monotonic() + 0.5
         while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):

@@ -2,8 +2,9 @@
 sweep dirs with known answers.
 
 The synthetic sweep (budget 1000 steps, eval every 100, two seeds per group) is written by
-write_run(): summary.json per the design.md contract plus real TensorBoard event files. Its
-test/acc curve is a step function consistent with the summary's steps_to_test_acc.
+write_run(): summary.json per the contract of docs/design.md#summaryjson plus real TensorBoard
+event files. Its test/acc curve is a step function consistent with the summary's
+steps_to_test_acc.
 """
 from __future__ import annotations
 
@@ -360,7 +361,7 @@ def test_cli_out_dir_and_prefix_keep_links_consistent(sweep, tmp_path):
 
 def test_report_of_runs_without_event_files(tiny_mnist, tmp_path):
     """train.tensorboard=false runs: the tables come from summary.json; no curves, no curve figures."""
-    from bnexp.train import train
+    from bnexp.run.loop import train
     from conftest import tiny_config
 
     for norm in ("none", "custom"):
