@@ -20,11 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from bnexp.cluster import in_submitit_job, requeue_with_submitit
+from bnexp.jobs.cluster import in_submitit_job, requeue_with_submitit
 from bnexp.jobs import lifecycle
 from bnexp.run.loop import USER_ERRORS, train
-from bnexp.run_name import hydra_quoted
-from bnexp.runtime import available_cores, cores_per_job, pick_device, set_threads
+from bnexp.jobs.run_name import hydra_quoted
+from bnexp.run.runtime import available_cores, cores_per_job, pick_device, set_threads
 from bnexp.run.signals import RunInterrupted
 
 log = logging.getLogger("bnexp")

@@ -1,4 +1,4 @@
-"""Config schema, registration with Hydra, and value checks.
+"""Config schema and value checks (Hydra registration: bnexp/jobs/hydra_setup.py).
 
 The dataclasses below are registered in Hydra's ConfigStore, so a wrong *type* (``seed=abc``)
 fails when Hydra merges the overrides. Wrong *values* (``optim.lr=-1``) fail in `validate`,
@@ -7,7 +7,7 @@ and what is allowed.
 
 Each value is checked in one place. Two limits depend on the data, not on the config, and are
 checked where the number of training images is known, right after the IDX files are read and
-before a model is built: `data.val_size < training images` (bnexp.data.load_mnist) and
+before a model is built: `data.val_size < training images` (bnexp.run.data.load_mnist) and
 `train.batch_size <= images left for training` (bnexp.run.member.load_data, when the run loads its data).
 """
 
@@ -36,8 +36,8 @@ class ConfigError(ValueError):
 class NormConfig:
     name: str = "custom"
     compile: bool = False
-    position: str = "before"  # before | after the nonlinearity (bnexp.model.HiddenLayer)
-    # norm=custom_noisy only (bnexp/noise.py has the distribution); ignored by the other norms
+    position: str = "before"  # before | after the nonlinearity (bnexp.nn.model.HiddenLayer)
+    # norm=custom_noisy only (bnexp/nn/noise.py has the distribution); ignored by the other norms
     noise_shift: float = 1.0
     noise_scale: float = 2.0
     noise_jitter: float = 0.1
@@ -84,7 +84,7 @@ class DataConfig:
 
 @dataclass
 class ProbeConfig:
-    """Measurements of *why* batch norm helps (bnexp/probes.py); all off by default."""
+    """Measurements of *why* batch norm helps (bnexp/run/probes.py); all off by default."""
 
     every: int = 0  # landscape + ICS probes every k steps; 0 = off
     multiples: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # eta / lr
@@ -104,48 +104,6 @@ class Config:
     seed: int = 0
     device: str = "auto"
     threads: str = "auto"
-
-
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore and the `bnexp.root`, `bnexp.run_name` resolvers.
-
-    conf/config.yaml names `bnexp_schema` first in its defaults list; conf/optim/*.yaml name
-    `sgd_schema` / `adam_schema`. Safe to call more than once.
-    """
-    from hydra.core.config_store import ConfigStore
-
-    from hydra_plugins.bnexp_batched_launcher.batched_launcher import register
-
-    register()  # hydra/launcher=batched, also where Hydra's plugin scan cannot see it
-    cs = ConfigStore.instance()
-    cs.store(name="bnexp_schema", node=Config)
-    cs.store(group="norm", name="norm_schema", node=NormConfig)
-    cs.store(group="optim", name="sgd_schema", node=SGDConfig)
-    cs.store(group="optim", name="adam_schema", node=AdamConfig)
-    if not OmegaConf.has_resolver("bnexp.root"):
-        OmegaConf.register_new_resolver("bnexp.root", lambda: str(PROJECT_ROOT))
-    if not OmegaConf.has_resolver("bnexp.run_name"):
-        from bnexp.run_name import run_name  # hydra.run.dir: <stamp>_<overrides> (bnexp/run_name.py)
-        OmegaConf.register_new_resolver("bnexp.run_name", run_name)
-    if not OmegaConf.has_resolver("bnexp.sqrt_scaled"):
-        OmegaConf.register_new_resolver("bnexp.sqrt_scaled", sqrt_scaled)
-
-
-def sqrt_scaled(base: float, batch_size: int, reference: int) -> float:
-    """base * sqrt(batch_size / reference), rounded to 6 significant digits: the square-root lr rule
-    of conf/experiment/batch_size.yaml (`${bnexp.sqrt_scaled:1.0,${train.batch_size},60}`)."""
-    return float(f"{float(base) * math.sqrt(int(batch_size) / int(reference)):.6g}")
-
-
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """conf/config.yaml with overrides, composed as scripts/train.py composes it but without a
-    run dir: for tests, benchmarks and notebooks."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def _registry() -> dict:
@@ -205,7 +163,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_norm_extras(norm: NormConfig) -> None:
-    """norm.position and the noisy variant's keys (bnexp/noise.py)."""
+    """norm.position and the noisy variant's keys (bnexp/nn/noise.py)."""
     _require(norm.position in POSITIONS, "norm.position", norm.position, f"one of {', '.join(POSITIONS)}")
     _require(not norm.compile or _registry()[norm.name].compile != "refused", "norm.compile", norm.compile,
              f"false with norm={norm.name} (it runs our layer eagerly)")

@@ -17,9 +17,9 @@ Tiny CPU recipe: run a smoke sweep first (see README), then point this at its sw
 import argparse
 import sys
 
-from bnexp.aggregate import aggregates_dir
-from bnexp.report import write_report
-from bnexp.sweep import ReportError
+from bnexp.report.aggregate import aggregates_dir
+from bnexp.report.write import write_report
+from bnexp.report.runs import ReportError
 
 
 def main(argv=None) -> int:

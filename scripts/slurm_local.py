@@ -6,14 +6,14 @@
     python scripts/train.py -m hydra/launcher=slurm experiment=smoke norm=none,custom
     python scripts/slurm_local.py stop /tmp/bnexp-slurm       # cancels jobs, ends the daemons
 
-Run as root (slurmd starts jobs as their owner). Code: bnexp/local_slurm.py.
+Run as root (slurmd starts jobs as their owner). Code: bnexp/jobs/local_slurm.py.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from bnexp.local_slurm import LocalSlurm, LocalSlurmError
+from bnexp.jobs.local_slurm import LocalSlurm, LocalSlurmError
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 import hydra  # noqa: E402
 
 from bnexp import cli  # noqa: E402
-from bnexp.config import register_configs  # noqa: E402
+from bnexp.jobs.hydra_setup import register_configs  # noqa: E402
 
 register_configs()
 

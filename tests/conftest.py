@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnexp.idx import write_idx
+from bnexp.run.idx import write_idx
 
 
 # ============================================================================================
@@ -58,7 +58,8 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from bnexp.config import PROJECT_ROOT, compose, to_config  # noqa: E402
+from bnexp.config import PROJECT_ROOT, to_config  # noqa: E402
+from bnexp.jobs.hydra_setup import compose  # noqa: E402
 
 CONF_DIR = PROJECT_ROOT / "conf"
 TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"

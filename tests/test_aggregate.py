@@ -1,4 +1,4 @@
-"""Seed aggregates (bnexp/aggregate.py): written as TensorBoard runs, read back with EventAccumulator.
+"""Seed aggregates (bnexp/report/aggregate.py): written as TensorBoard runs, read back with EventAccumulator.
 
 The runs are synthetic with values exact in float32, so every statistic is checked exactly.
 What the real TensorBoard server makes of them: test_tensorboard_server.py.
@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as cs_metadata
 
-from bnexp import aggregate
-from bnexp.sweep import Run, dirs_without_summary, load_runs
+from bnexp.report import aggregate
+from bnexp.report.runs import Run, dirs_without_summary, load_runs
 
 EVALS = np.array([0, 10, 20])
 

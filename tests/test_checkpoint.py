@@ -1,4 +1,4 @@
-"""Checkpoints (bnexp/checkpoint.py) hold plain data only and load without running code."""
+"""Checkpoints (bnexp/run/checkpoint.py) hold plain data only and load without running code."""
 
 import pytest
 import torch

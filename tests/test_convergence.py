@@ -8,8 +8,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bnexp.config import to_config
-from bnexp.stats import summarize
-from bnexp.sweep import load_runs
+from bnexp.report.stats import summarize
+from bnexp.report.runs import load_runs
 from bnexp.run.loop import train
 from conftest import compose_config
 

@@ -1,4 +1,4 @@
-"""bnexp/crc32c.py: the event records' checksums, as TensorBoard computes them, only faster."""
+"""bnexp/run/crc32c.py: the event records' checksums, as TensorBoard computes them, only faster."""
 
 import random
 
@@ -6,8 +6,8 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 
-from bnexp import crc32c
-from bnexp.monitor import Monitor
+from bnexp.run import crc32c
+from bnexp.run.monitor import Monitor
 
 
 def test_the_standard_check_value():

@@ -1,4 +1,4 @@
-"""Tests for bnexp.data: the tensors we train on, their split and scaling, read through the real
+"""Tests for bnexp.run.data: the tensors we train on, their split and scaling, read through the real
 loader from tiny IDX files written here (fast) or the real MNIST (slow)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnexp.data import MEAN, STD, DataError, load_mnist
-from bnexp.idx import read_idx, write_idx
+from bnexp.run.data import MEAN, STD, DataError, load_mnist
+from bnexp.run.idx import read_idx, write_idx
 
 PROJECT = Path(__file__).resolve().parents[1]
 REAL_ROOT = Path(os.environ.get("BNEXP_DATA", PROJECT / "data"))

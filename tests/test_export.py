@@ -1,12 +1,12 @@
-"""runs.csv and curves.csv (bnexp/export.py), read back with the csv module as a plain reader would."""
+"""runs.csv and curves.csv (bnexp/report/export.py), read back with the csv module as a plain reader would."""
 
 import csv
 import math
 
 import numpy as np
 
-from bnexp.export import write_exports
-from bnexp.sweep import Run
+from bnexp.report.export import write_exports
+from bnexp.report.runs import Run
 
 
 def make_run(sweep, rel, status="completed", steps_to=None, final_acc=0.96):

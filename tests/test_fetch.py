@@ -1,4 +1,4 @@
-"""Tests for bnexp.fetch: verification, sources, the lock, and fetches killed half way.
+"""Tests for bnexp.run.fetch: verification, sources, the lock, and fetches killed half way.
 
 Fast tests run on tiny IDX files written here; slow ones use the real MNIST (data/ at the
 project root, or $BNEXP_DATA), fetched through the real code when missing.
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnexp.fetch import (FILES_IN_RAW, GZ_IN_RAW, MD5, REGISTRY, SOURCES, Source, check_md5, ensure_mnist,
+from bnexp.run.fetch import (FILES_IN_RAW, GZ_IN_RAW, MD5, REGISTRY, SOURCES, Source, check_md5, ensure_mnist,
                          file_md5)
-from bnexp.idx import DataError, write_idx
+from bnexp.run.idx import DataError, write_idx
 from conftest import write_tiny_mnist
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_bad_canonical_file_is_fetched_again_from_the_next_source(tmp_path, capl
     shutil.copytree(real, root / "MNIST" / "raw")
     labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-5])
-    with caplog.at_level(logging.INFO, logger="bnexp.fetch"):
+    with caplog.at_level(logging.INFO, logger="bnexp.run.fetch"):
         raw = ensure_mnist(root, verify=True, sources=[FILES_IN_RAW, copy_from(real)])
     assert f"{labels}: truncated IDX file" in caplog.text
     assert all(file_md5(raw / name) == md5 for name, md5 in MD5.items())
@@ -195,7 +195,7 @@ def test_fetch_waits_for_the_lock_holder(tiny_mnist, tmp_path):
 FETCH_SCRIPT = """
 import logging, os, sys, time
 sys.path.insert(0, sys.argv[5])
-from bnexp.fetch import FILES_IN_RAW, ensure_mnist
+from bnexp.run.fetch import FILES_IN_RAW, ensure_mnist
 from test_fetch import copy_from
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 root, source, verify, go = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
@@ -292,7 +292,7 @@ def test_fetch_killed_half_way_leaves_nothing_trusted(tmp_path, phase):
     canonical, and the next run cleans up and succeeds. The kill waits for the phase, not for
     a time: how long a fetch takes to get there depends on the machine."""
     root = tmp_path / "root"
-    script = ("import sys; from bnexp.fetch import REGISTRY, ensure_mnist; "
+    script = ("import sys; from bnexp.run.fetch import REGISTRY, ensure_mnist; "
               "ensure_mnist(sys.argv[1], sources=[REGISTRY])")
     proc = subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=PROJECT)
     deadline = time.monotonic() + 300

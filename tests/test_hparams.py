@@ -1,4 +1,4 @@
-"""A run's HParams entry (bnexp/hparams.py), read back from the protos TensorBoard parses.
+"""A run's HParams entry (bnexp/run/hparams.py), read back from the protos TensorBoard parses.
 
 What the real HParams tab makes of it is tested through the server in test_tensorboard_server.py.
 """
@@ -6,7 +6,7 @@ What the real HParams tab makes of it is tested through the server in test_tenso
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from bnexp.config import flatten, norm_names
-from bnexp.hparams import hparams_summaries
+from bnexp.run.hparams import hparams_summaries
 from conftest import compose_config
 
 PINNED_TITLES = ["norm", "optim.lr", "seed", "optim", "model.activation"]

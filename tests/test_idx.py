@@ -1,4 +1,4 @@
-"""Tests for bnexp.idx: IDX files round-trip, and a damaged one is rejected by name."""
+"""Tests for bnexp.run.idx: IDX files round-trip, and a damaged one is rejected by name."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from bnexp.idx import DataError, read_idx, write_idx
+from bnexp.run.idx import DataError, read_idx, write_idx
 
 
 def test_idx_round_trip_images_and_labels(tmp_path):

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnexp import compiled, layers
-from bnexp.compiled import CompiledBatchNorm1d
+from bnexp import layers
+
+from bnexp.nn import compiled
+from bnexp.nn.compiled import CompiledBatchNorm1d
 from bnexp.layers import BatchNorm1d, batch_norm
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "bnexp"
@@ -571,7 +573,7 @@ def test_layers_module_is_a_leaf():
 
 @pytest.mark.parametrize("shape", [(8, 5), (37, 5), (48, 5), (6, 5, 3)])  # 37: a ragged row block
 def test_compiled_formulas_match_native_in_eager_mode(shape):
-    """bnexp.compiled's forward and backward formulas, run eagerly: output, stats and grads."""
+    """bnexp.nn.compiled's forward and backward formulas, run eagerly: output, stats and grads."""
     native, _ = make_pair(5, momentum=1.0)  # momentum 1: running stats = this batch's
     gen = torch.Generator().manual_seed(0)
     x = batch(shape, gen, torch.float32, scale=50.0, shift=10.0)
@@ -660,7 +662,7 @@ def test_compiled_layer_takes_strided_input_and_a_plain_sum(fresh_compile_cache)
 
 COMPILE_WITHOUT_COMPILER = """
 import warnings, torch
-from bnexp.compiled import CompiledBatchNorm1d
+from bnexp.nn.compiled import CompiledBatchNorm1d
 torch.manual_seed(0)
 native, custom = torch.nn.BatchNorm1d(1100), CompiledBatchNorm1d(1100)
 x = torch.randn(60, 1100) * 5 + 2

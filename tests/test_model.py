@@ -1,12 +1,12 @@
-"""The MLP and make_norm (bnexp/model.py)."""
+"""The MLP and make_norm (bnexp/nn/model.py)."""
 
 import pytest
 import torch
 from torch import nn
 
 from bnexp import layers
-from bnexp.compiled import CompiledBatchNorm1d
-from bnexp.model import MLP, init_weights, make_norm
+from bnexp.nn.compiled import CompiledBatchNorm1d
+from bnexp.nn.model import MLP, init_weights, make_norm
 
 
 def build(norm, seed=0, widths=(8, 6)):

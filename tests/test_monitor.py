@@ -1,4 +1,4 @@
-"""bnexp/monitor.py: the fast percentiles it logs are torch.nanquantile's, bit for bit; a new
+"""bnexp/run/monitor.py: the fast percentiles it logs are torch.nanquantile's, bit for bit; a new
 event file sorts after the run dir's earlier ones, so a resumed curve stays continuous."""
 
 import math
@@ -9,9 +9,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnexp.monitor import Monitor, nanquantile
+from bnexp.run.monitor import Monitor, nanquantile
 
-Q = torch.tensor([0.15, 0.5, 0.85])  # the act/ percentiles (bnexp/tags.py)
+Q = torch.tensor([0.15, 0.5, 0.85])  # the act/ percentiles (bnexp/run/tags.py)
 
 
 def samples():

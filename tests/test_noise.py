@@ -1,4 +1,4 @@
-"""The noisy-BN control (bnexp/noise.py) and BN placement (norm.position in bnexp/model.py)."""
+"""The noisy-BN control (bnexp/nn/noise.py) and BN placement (norm.position in bnexp/nn/model.py)."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bnexp import layers
-from bnexp.model import MLP, init_weights, make_norm
-from bnexp.noise import NoisyBatchNorm1d, noise_layers, seed_noise
+from bnexp.nn.model import MLP, init_weights, make_norm
+from bnexp.nn.noise import NoisyBatchNorm1d, noise_layers, seed_noise
 from bnexp.run.loop import train
 from conftest import tiny_config
 from test_resume import assert_same_outcome, finish, start, wait_for_checkpoint

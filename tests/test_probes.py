@@ -1,4 +1,4 @@
-"""Landscape and ICS probes, training-mode accuracy (bnexp/probes.py): the values they define,
+"""Landscape and ICS probes, training-mode accuracy (bnexp/run/probes.py): the values they define,
 and that a run with probes on trains bitwise as one without."""
 
 import copy
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from bnexp.config import ConfigError
-from bnexp.model import MLP, init_weights
-from bnexp.noise import seed_noise
-from bnexp.probes import Snapshot, covariate_shift, landscape, probed_step, train_mode_accuracy
+from bnexp.nn.model import MLP, init_weights
+from bnexp.nn.noise import seed_noise
+from bnexp.run.probes import Snapshot, covariate_shift, landscape, probed_step, train_mode_accuracy
 from bnexp.run.loop import train
 from conftest import PROJECT_ROOT, tiny_config
 from test_train import read_scalars

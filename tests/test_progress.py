@@ -12,8 +12,8 @@ import sys
 import termios
 import threading
 
-from bnexp import progress
-from bnexp.progress import ProgressBar
+from bnexp.run import progress
+from bnexp.run.progress import ProgressBar
 from bnexp.run.loop import train
 from conftest import tiny_config
 
@@ -79,9 +79,9 @@ def test_before_the_first_measured_value_the_bar_leaves_it_out():
 def test_off_a_terminal_one_log_line_per_evaluation(tiny_mnist, tmp_path, caplog):
     """Not a terminal (pytest captures stderr): no bar, one line per evaluation, "-" until measured."""
     cfg = tiny_config(tiny_mnist)  # 60 steps, evaluations at 0, 20, 40, 60
-    with caplog.at_level(logging.INFO, logger="bnexp.progress"):
+    with caplog.at_level(logging.INFO, logger="bnexp.run.progress"):
         train(cfg, tmp_path / "run", progress="auto")
-    lines = [r.getMessage() for r in caplog.records if r.name == "bnexp.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bnexp.run.progress"]
     assert [line.split()[1] for line in lines] == ["0/60", "20/60", "40/60", "60/60"]
     assert lines[0].startswith("step 0/60  train_loss -  test_acc 0.") and lines[0].endswith("- steps/s")
     assert all("nan" not in line for line in lines)
@@ -90,6 +90,6 @@ def test_off_a_terminal_one_log_line_per_evaluation(tiny_mnist, tmp_path, caplog
 
 def test_quiet_shows_nothing(tiny_mnist, tmp_path, caplog):
     cfg = tiny_config(tiny_mnist)
-    with caplog.at_level(logging.INFO, logger="bnexp.progress"):
+    with caplog.at_level(logging.INFO, logger="bnexp.run.progress"):
         train(cfg, tmp_path / "run", progress="quiet")
-    assert not [r for r in caplog.records if r.name == "bnexp.progress"]
+    assert not [r for r in caplog.records if r.name == "bnexp.run.progress"]

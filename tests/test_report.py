@@ -1,4 +1,4 @@
-"""Tests for the sweep report (bnexp.sweep, bnexp.stats, bnexp.report, bnexp.figures) on synthetic
+"""Tests for the sweep report (bnexp.report.runs, bnexp.report.stats, bnexp.report.write, bnexp.report.figures) on synthetic
 sweep dirs with known answers.
 
 The synthetic sweep (budget 1000 steps, eval every 100, two seeds per group) is written by
@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from bnexp import figures, stats, sweep as swp
-from bnexp import report as rep
+from bnexp.report import figures
+
+from bnexp.report import stats
+
+from bnexp.report import runs as swp
+from bnexp.report import write as rep
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET, EVAL_EVERY, N_LOSS = 1000, 100, 150

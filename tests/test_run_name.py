@@ -1,4 +1,4 @@
-"""Single-run dir names (bnexp/run_name.py): the stamp, then the overrides that say what the run is."""
+"""Single-run dir names (bnexp/jobs/run_name.py): the stamp, then the overrides that say what the run is."""
 
 import json
 import re
@@ -10,7 +10,7 @@ import time
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from bnexp.run_name import MAX_OVERRIDES_CHARS, hydra_quoted, run_name
+from bnexp.jobs.run_name import MAX_OVERRIDES_CHARS, hydra_quoted, run_name
 from conftest import TINY_OVERRIDES, TRAIN_SCRIPT, run_script
 
 STAMP = "2026-11-29_07-50-38_417183"

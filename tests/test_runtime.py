@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import TINY_OVERRIDES, TRAIN_SCRIPT
 
-from bnexp.runtime import (THREADS_CROSSOVER_MACS, available_cores, choose_threads, cores_per_job,
+from bnexp.run.runtime import (THREADS_CROSSOVER_MACS, available_cores, choose_threads, cores_per_job,
                            work_per_op)
 
 
@@ -78,7 +78,7 @@ def launcher_share(*overrides: str):
     from hydra.core.hydra_config import HydraConfig
 
     from bnexp import cli
-    from bnexp.config import register_configs
+    from bnexp.jobs.hydra_setup import register_configs
     from conftest import CONF_DIR
 
     register_configs()

@@ -1,6 +1,6 @@
 """hydra/launcher=slurm on a real one-node SLURM cluster (issue 14).
 
-The module's cluster (munged, slurmctld, slurmd; bnexp/local_slurm.py) starts once, with its
+The module's cluster (munged, slurmctld, slurmd; bnexp/jobs/local_slurm.py) starts once, with its
 config, state and logs in a temp dir, and is stopped by pid at the end: jobs cancelled first,
 then each daemon SIGTERMed (SIGKILLed if it lingers). It has no accounting (sacct fails), as
 many small clusters, and one GPU slot (a real GPU where the machine has one, else a slot with
@@ -21,7 +21,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnexp.local_slurm import LocalSlurm, gpu_devices, missing_programs
+from bnexp.jobs.local_slurm import LocalSlurm, gpu_devices, missing_programs
 from conftest import TINY_OVERRIDES, TRAIN_SCRIPT, expected_scalar_tags, run_script
 from test_resume import assert_same_outcome
 

@@ -1,7 +1,7 @@
-"""Reading squeue's answer where SLURM keeps no accounting (bnexp/slurm_poll.py; on a real
+"""Reading squeue's answer where SLURM keeps no accounting (bnexp/jobs/slurm_poll.py; on a real
 cluster: tests/test_slurm.py). These need no SLURM: they feed the watcher squeue's output format."""
 
-from bnexp.slurm_poll import ENDED, SqueueFallbackWatcher
+from bnexp.jobs.slurm_poll import ENDED, SqueueFallbackWatcher
 
 
 def watcher_after(squeue_output: str, *job_ids: str) -> SqueueFallbackWatcher:

@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from bnexp.config import NormConfig
-from bnexp.model import MLP, init_weights
+from bnexp.nn.model import MLP, init_weights
+from bnexp.nn.registry import stacked_model
 from bnexp.nn.stacked import StackedMLP, evaluate_members, member_losses
 from bnexp.nn.stacked_optim import stacked_optimizer
-from bnexp.noise import seed_noise
+from bnexp.nn.noise import seed_noise
 from bnexp.run.engine import evaluate
 
 WIDTHS = [16, 12]
@@ -27,7 +28,7 @@ def solo_models(norm: str, activation: str = "sigmoid", k: int = 3, position: st
 
 
 def stack(models: list[MLP], norm: str, activation: str = "sigmoid") -> StackedMLP:
-    batched = StackedMLP(len(models), models[0], NormConfig(name=norm))
+    batched = stacked_model(len(models), models[0], NormConfig(name=norm))
     for k, model in enumerate(models):
         batched.load_member(k, model)
     return batched

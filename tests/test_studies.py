@@ -1,4 +1,4 @@
-"""The why studies in the report (bnexp/studies.py, report and figure sections): synthetic sweeps
+"""The why studies in the report (bnexp/report/studies.py, report and figure sections): synthetic sweeps
 with known answers, then tiny sweeps of each preset made by the real CLI."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from bnexp import report as rep
-from bnexp import studies
-from bnexp import sweep as swp
+from bnexp.report import write as rep
+from bnexp.report import studies
+from bnexp.report import runs as swp
 from conftest import PROJECT_ROOT, TINY_OVERRIDES, run_script
 
 BUDGET = 1000

@@ -241,7 +241,8 @@ def test_a_killed_joblib_sweep_resumes_with_the_same_command(reference, tmp_path
 def test_convergence_with_the_batched_launcher_composes():
     """experiment=convergence hydra/launcher=batched: the batched launcher, with the experiment's
     n_jobs=-1 (one group process per core) and the default max_batch of 25."""
-    from bnexp.config import PROJECT_ROOT, register_configs
+    from bnexp.config import PROJECT_ROOT
+    from bnexp.jobs.hydra_setup import register_configs
     from hydra import compose, initialize_config_dir
 
     register_configs()
@@ -285,7 +286,8 @@ def test_slurm_executor_gets_the_launchers_job_parameters(tmp_path, monkeypatch)
     submitit's SlurmExecutor refuses to be built where `srun` is not on PATH, though building it
     runs nothing: a stand-in srun first on PATH lets it build anywhere (here and on a cluster),
     and fails loudly should anything run it."""
-    from bnexp.config import PROJECT_ROOT, register_configs
+    from bnexp.config import PROJECT_ROOT
+    from bnexp.jobs.hydra_setup import register_configs
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from hydra_plugins.bnexp_batched_launcher._core import make_executor

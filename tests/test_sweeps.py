@@ -6,7 +6,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from bnexp.config import register_configs
+from bnexp.jobs.hydra_setup import register_configs
 from conftest import CONF_DIR, TINY_OVERRIDES, run_script
 
 SWEEP = [o for o in TINY_OVERRIDES if not o.startswith("threads=")] + ["threads=auto"]
@@ -85,4 +85,4 @@ def test_slurm_launcher_config_composes():
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.cpus_per_task == 2 and launcher.gpus_per_node == 1 and launcher.timeout_min == 60
     assert launcher.max_num_timeout == 3 and launcher.signal_delay_s == 10
-    assert cfg.hydra.callbacks.launch_setup._target_ == "bnexp.cluster.LaunchSetup"
+    assert cfg.hydra.callbacks.launch_setup._target_ == "bnexp.jobs.cluster.LaunchSetup"

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from bnexp.aggregate import EVAL_METRICS, LOSS, STATS
-from bnexp.hparams import METRICS
-from bnexp.tags import describe
+from bnexp.report.aggregate import EVAL_METRICS, LOSS, STATS
+from bnexp.run.hparams import METRICS
+from bnexp.run.tags import describe
 from conftest import (TINY_OVERRIDES, TRAIN_SCRIPT, expected_histogram_tags, expected_scalar_tags,
                       write_tiny_mnist)
 

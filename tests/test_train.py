@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bnexp.config import ConfigError
-from bnexp.data import DataError
+from bnexp.run.data import DataError
 from bnexp.run.engine import evaluate
 from bnexp.run.loop import train
 from bnexp.run.order import BatchOrder

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from bnexp.config import Config, to_config
 from bnexp.run.summary import Summary
-from bnexp.runtime import ThreadChoice, choose_threads, work_per_op
+from bnexp.run.runtime import ThreadChoice, choose_threads, work_per_op
 
 log = logging.getLogger("bnexp")
 POOR_OBJECTIVE = 0.0  # what a diverged run returns to a sweeper: below chance (0.1), never NaN
@@ -30,7 +30,7 @@ def validate(hydra_cfg: DictConfig) -> Config:
 
 
 def threads(cfg: Config, members: int, cores: int | None, why: str) -> ThreadChoice:
-    """torch threads of a job's process (bnexp.runtime.choose_threads).
+    """torch threads of a job's process (bnexp.run.runtime.choose_threads).
 
     cores: what the launcher leaves this process (None: all it may use); the work: each op of a
     group of K is one batched op over the K members, K times a member's work per op.

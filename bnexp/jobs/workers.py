@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from bnexp.atomic import atomic_write
+from bnexp.run.atomic import atomic_write
 from bnexp.run.loop import LOG_FORMAT, MemberSpec, train_group
 from bnexp.run.member import Outcome
 

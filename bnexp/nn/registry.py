@@ -32,7 +32,7 @@ class NormVariant:
     stack: Callable[..., nn.Module] | None  # (members, num_features, norm_cfg) -> the K-member layer
     running_stats: bool  # keeps running_mean / running_var buffers
     compile: str = "ignored"  # norm.compile=true: "fused" (a compiled form), "ignored" (nothing to compile), "refused"
-    takes_noise: bool = False  # reads norm.noise_* (bnexp/noise.py)
+    takes_noise: bool = False  # reads norm.noise_* (bnexp/nn/noise.py)
 
 
 def _identity(*_args) -> nn.Module:
@@ -40,7 +40,7 @@ def _identity(*_args) -> nn.Module:
 
 
 def _custom(num_features: int, cfg) -> nn.Module:
-    from bnexp.compiled import CompiledBatchNorm1d
+    from bnexp.nn.compiled import CompiledBatchNorm1d
     from bnexp.layers import BatchNorm1d
 
     return CompiledBatchNorm1d(num_features) if cfg.compile else BatchNorm1d(num_features)
@@ -55,7 +55,7 @@ def _noise_args(cfg) -> dict:
 
 
 def _custom_noisy(num_features: int, cfg) -> nn.Module:
-    from bnexp.noise import NoisyBatchNorm1d
+    from bnexp.nn.noise import NoisyBatchNorm1d
 
     return NoisyBatchNorm1d(num_features, **_noise_args(cfg))
 
@@ -102,3 +102,14 @@ def order(name: str) -> tuple[int, str]:
     """Sort key: registry order, unknown names (old run dirs) after, by name."""
     names = list(NORMS)
     return (names.index(name) if name in names else len(names), name)
+
+
+def stacked_model(members: int, template: nn.Module, norm_cfg) -> nn.Module:
+    """The StackedMLP of `members` copies of the solo MLP `template`, each hidden layer's norm
+    stacked as norm_cfg's entry says (bnexp/nn/stacked.py)."""
+    from bnexp.nn.stacked import StackedMLP
+
+    stack = variant(norm_cfg.name).stack
+    if stack is None:
+        raise ValueError(f"norm={norm_cfg.name} has no stacked form: its runs train alone")
+    return StackedMLP(members, template, lambda k, width: stack(k, width, norm_cfg))

@@ -1,6 +1,6 @@
 """K MLPs of one shape as one model: stacked weights, batched matmuls, each norm per member.
 
-`StackedMLP` is derived from a solo `bnexp.model.MLP`: it has the same modules under the same
+`StackedMLP` is derived from a solo `bnexp.nn.model.MLP`: it has the same modules under the same
 names (`hidden.0.linear.weight`, `hidden.0.norm.running_mean`, `head.bias`, ...), each tensor
 holding all K members, slot k being member k's. So moving a member in and out of its slot
 (`load_member`, `store_member`) walks the solo model's own state_dict: no key is written by
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp.compiled import CompiledBatchNorm1d
+from bnexp.nn.compiled import CompiledBatchNorm1d
 from bnexp.layers import BatchNorm1d
-from bnexp.noise import draw_noise
+from bnexp.nn.noise import draw_noise
 
 # Evaluation chunks: about this many values per activation tensor (4 MB of float32), so that
 # K members x N images never need K full-size copies of a split at once, and a chunk's
@@ -76,7 +76,7 @@ class StackedTorchBatchNorm1d(ChannelStack, nn.BatchNorm1d):
 
 class StackedNoisyBatchNorm1d(ChannelStack, BatchNorm1d):
     """K members of NoisyBatchNorm1d: one K*C-channel batch norm, then each training member's
-    noise drawn from its own generator exactly as its solo layer draws it (bnexp/noise.py), so
+    noise drawn from its own generator exactly as its solo layer draws it (bnexp/nn/noise.py), so
     its numbers are its solo run's. Frozen slots draw nothing (their generators stay put)."""
 
     def __init__(self, members: int, num_features: int, shift: float = 1.0, scale: float = 2.0,
@@ -137,7 +137,7 @@ class StackedLinear(nn.Module):
 
 
 class StackedHiddenLayer(nn.Module):
-    """bnexp.model.HiddenLayer for K members: Linear -> norm -> activation, or the norm after."""
+    """bnexp.nn.model.HiddenLayer for K members: Linear -> norm -> activation, or the norm after."""
 
     def __init__(self, members: int, template: nn.Module, norm: nn.Module):
         super().__init__()
@@ -168,18 +168,17 @@ class StackedMLP(nn.Module):
     """`members` copies of a solo MLP's architecture, trained and evaluated at once.
 
     template: a solo MLP (its layers' shapes, biases, activation and placement are mirrored);
-    norm: the NormConfig whose registry entry builds each hidden layer's stacked norm.
+    stack_norm(members, width): each hidden layer's stacked norm (a registry entry's `stack`
+    with the run's norm config: bnexp.nn.registry.stacked_model builds it so).
     """
 
-    def __init__(self, members: int, template: nn.Module, norm):
+    def __init__(self, members: int, template: nn.Module, stack_norm):
         super().__init__()
-        from bnexp.nn.registry import variant
-
-        stack = variant(norm.name).stack
+        stack = stack_norm
         self.size, self.classes = members, template.head.out_features
         self.widths = [layer.linear.out_features for layer in template.hidden]
         self.hidden = nn.ModuleList(
-            StackedHiddenLayer(members, layer, stack(members, layer.linear.out_features, norm))
+            StackedHiddenLayer(members, layer, stack(members, layer.linear.out_features))
             for layer in template.hidden)
         self.head = StackedLinear(members, template.head)
 

@@ -11,7 +11,7 @@ steps are taken on. Its interface, for K = `size` slots:
                                     indices (None: a frozen slot); returns the (K,) losses
     probed_step(slots, members, batches, stepped)
                                     the same step for `slots`, each with the landscape and ICS
-                                    probes around it (bnexp/probes.py); returns {k: (loss, values)}
+                                    probes around it (bnexp/run/probes.py); returns {k: (loss, values)}
     measure(x, y)                   every slot's mean loss and accuracy on a split (eval mode)
 
 `SoloEngine` (K = 1) trains the member's own `MLP` with its own torch optimizer, in place, so
@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bnexp.nn.stacked import StackedMLP, evaluate_members, member_losses
+from bnexp.nn.registry import stacked_model
+from bnexp.nn.stacked import evaluate_members, member_losses
 from bnexp.nn.stacked_optim import stacked_optimizer
-from bnexp.probes import probed_step
+from bnexp.run.probes import probed_step
 
 
 @torch.no_grad()
@@ -107,7 +108,7 @@ class StackedEngine:
     def __init__(self, members):
         first = members[0]
         self.size, self.data = len(members), first.data
-        self.model = StackedMLP(self.size, first.model, first.cfg.norm).to(first.device)
+        self.model = stacked_model(self.size, first.model, first.cfg.norm).to(first.device)
         self.optimizer = stacked_optimizer(self.model.parameter_stacks(), [m.optimizer for m in members])
         self.dummy = torch.arange(first.cfg.train.batch_size, device=first.device)  # a frozen slot's batch
 

@@ -28,14 +28,14 @@ from typing import Iterator
 
 import torch
 
-from bnexp.checkpoint import CheckpointError
+from bnexp.run.checkpoint import CheckpointError
 from bnexp.config import Config, ConfigError, TrainConfig
-from bnexp.data import DataError
-from bnexp.progress import ProgressBar
+from bnexp.run.data import DataError
+from bnexp.run.progress import ProgressBar
 from bnexp.run.engine import SoloEngine, StackedEngine
 from bnexp.run.member import Member, Outcome
 from bnexp.run.signals import RunInterrupted, StopFlag
-from bnexp.runtime import set_threads
+from bnexp.run.runtime import set_threads
 
 log = logging.getLogger("bnexp.run")
 

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from bnexp import checkpoint as ckpt
-from bnexp.atomic import atomic_write, write_json
+from bnexp.run import checkpoint as ckpt
+from bnexp.run.atomic import atomic_write, write_json
 from bnexp.config import Config, ConfigError, flatten, resolve_data_root
-from bnexp.data import MNIST, load_mnist
-from bnexp.model import MLP, init_weights
-from bnexp.monitor import make_monitor
-from bnexp.noise import seed_noise
-from bnexp.probes import train_mode_accuracy
+from bnexp.run.data import MNIST, load_mnist
+from bnexp.nn.model import MLP, init_weights
+from bnexp.run.monitor import make_monitor
+from bnexp.nn.noise import seed_noise
+from bnexp.run.probes import train_mode_accuracy
 from bnexp.run.order import BatchOrder
 from bnexp.run.summary import Progress, Summary, run_status, run_summary
-from bnexp.runtime import pick_device
+from bnexp.run.runtime import pick_device
 
 log = logging.getLogger("bnexp.run")
 
@@ -128,7 +128,7 @@ class Member:
             p.loss_count += 1
 
     def record_probes(self, probes: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
-        """Write a segment's probe values (bnexp/probes.py): one host sync for all of them."""
+        """Write a segment's probe values (bnexp/run/probes.py): one host sync for all of them."""
         if not probes:
             return
         tags = list(probes[0][1])

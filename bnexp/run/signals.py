@@ -18,7 +18,7 @@ class StopFlag:
     """Turns stop signals into a flag the loop polls once per step (a Python bool: no cost).
 
     SIGINT is Ctrl-C; SIGTERM is kill and how SLURM preempts, requeues or cancels a job;
-    SIGUSR2 is what submitit's SLURM jobs get before their time limit (bnexp/cluster.py).
+    SIGUSR2 is what submitit's SLURM jobs get before their time limit (bnexp/jobs/cluster.py).
     """
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))

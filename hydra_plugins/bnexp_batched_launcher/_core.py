@@ -44,7 +44,7 @@ from bnexp.jobs.groups import make_groups
 from bnexp.jobs.workers import GroupJob, outcomes_path, read_outcomes, worker_main, write_request
 from bnexp.run.loop import USER_ERRORS, MemberSpec, train_group
 from bnexp.run.member import Outcome
-from bnexp.runtime import ThreadChoice, available_cores, cores_per_job
+from bnexp.run.runtime import ThreadChoice, available_cores, cores_per_job
 from bnexp.run.signals import StopFlag
 
 log = logging.getLogger(__name__)

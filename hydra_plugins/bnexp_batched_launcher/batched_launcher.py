@@ -39,7 +39,7 @@ class BatchedLauncher(Launcher):
 
 
 def register() -> None:
-    """Register the launcher and its config with Hydra by hand (bnexp.config.register_configs).
+    """Register the launcher and its config with Hydra by hand (bnexp.jobs.hydra_setup.register_configs).
 
     Hydra's plugin scan walks the `hydra_plugins` namespace on sys.path, which finds this package
     when it is installed or on PYTHONPATH, but not inside a setuptools editable install

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnexp.noise import noise_layers
+from bnexp.nn.noise import noise_layers
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -1,5 +1,5 @@
 """The report's figures: test accuracy per lr, Ioffe 2015 Fig. 1(b,c), steps to the target vs lr;
-for the why studies (bnexp/studies.py): a study's numbers vs its value, Santurkar's landscape
+for the why studies (bnexp/report/studies.py): a study's numbers vs its value, Santurkar's landscape
 probes (Fig. 4) and internal covariate shift per layer, each as mean and band over seeds.
 
 Each figure is drawn on its own matplotlib `Figure` and saved with the Agg renderer: no pyplot
@@ -13,9 +13,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from bnexp.nn.registry import NORMS
-from bnexp.stats import SweepStats, best_group, group_runs
-from bnexp.studies import STUDY_COLUMN, STUDY_KEYS, ics_names, label, split_by
-from bnexp.sweep import Run
+from bnexp.report.stats import SweepStats, best_group, group_runs
+from bnexp.report.studies import STUDY_COLUMN, STUDY_KEYS, ics_names, label, split_by
+from bnexp.report.runs import Run
 
 # Each norm's colour, line and marker come from its registry entry (bnexp/nn/registry.py)
 COLORS = {name: v.color for name, v in NORMS.items()}
@@ -27,7 +27,7 @@ def write_figures(runs: list[Run], stats: SweepStats, out_dir: Path, prefix: str
                   study=None) -> dict[str, str]:
     """Write the PNGs into out_dir (names start with prefix); returns file name -> caption.
 
-    A study sweep (bnexp.studies.Study) gets its study figure instead of the per-lr figures,
+    A study sweep (bnexp.report.studies.Study) gets its study figure instead of the per-lr figures,
     which would pool the study's values; probe and ICS figures come wherever runs have them.
     """
     out = {}

@@ -16,7 +16,7 @@ def make_norm(name: str, num_features: int, compile: bool = False, noise: dict |
     noise (`noise` holds its shift, scale, jitter), ...
 
     compile=True (norm.compile) picks CompiledBatchNorm1d, which fuses our layer's training
-    formulas with torch.compile at large inputs (bnexp/compiled.py); its parameters and
+    formulas with torch.compile at large inputs (bnexp/nn/compiled.py); its parameters and
     state_dict keys are the same, so checkpoints interchange with the eager layer.
     """
     from bnexp.nn.registry import variant

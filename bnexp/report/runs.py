@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnexp.aggregate import MARKER as AGGREGATE_MARKER
+AGGREGATE_MARKER = "aggregate.json"  # in every aggregate run dir (bnexp/report/aggregate.py): not a run
+
 
 STATUSES = ("completed", "diverged", "interrupted")
 REQUIRED_KEYS = ("status", "norm", "seed", "steps_done", "final", "steps_to_test_acc", "config")

@@ -8,7 +8,7 @@ Two pieces, one per side of a sweep:
   joblib its workers with `python -m/-c`, and those put the working directory first on
   sys.path, where a folder named `bnexp` (a clone, say) would shadow the installed package.
   With hydra/launcher=slurm it also makes submitit poll job states with squeue where the
-  cluster keeps no accounting (bnexp/slurm_poll.py).
+  cluster keeps no accounting (bnexp/jobs/slurm_poll.py).
 - `requeue_with_submitit`, called by bnexp.cli in the job after a signal stopped the run and
   its checkpoint is saved: submitit's signal (SIGUSR2) means the time limit is near or the job
   is preempted, and submitit's handler resubmits the job, which resumes from that checkpoint.
@@ -37,7 +37,7 @@ class LaunchSetup(Callback):
         self._previous = os.environ.get(SAFE_PATH)
         os.environ[SAFE_PATH] = "1"  # inherited by jobs: subprocesses, and sbatch's exported environment
         if str(config.hydra.launcher.get("_target_", "")).endswith(".SlurmLauncher"):
-            from bnexp.slurm_poll import install
+            from bnexp.jobs.slurm_poll import install
 
             install()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bnexp.atomic import atomic_write
+from bnexp.run.atomic import atomic_write
 
 IMAGES_MAGIC = 2051  # 0x0803: unsigned bytes, 3 dims (n, rows, cols)
 LABELS_MAGIC = 2049  # 0x0801: unsigned bytes, 1 dim (n,)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnexp.nn.registry import order as norm_order
-from bnexp.sweep import STATUSES, ReportError, Run
+from bnexp.report.runs import STATUSES, ReportError, Run
 
 THRESHOLDS = (0.90, 0.95, 0.97)  # test accuracies the table always shows
 N_LOSS_COMPARE = 100  # custom vs native: compare this many first train/loss values

@@ -3,8 +3,8 @@ the train/eval accuracy gap, and the landscape and ICS probes per variant.
 
 A sweep is a *study* when one of STUDY_KEYS differs between its runs (conf/experiment/depth,
 batch_size, placement): its runs are then split by that key's value and each part gets the
-ordinary statistics of bnexp.stats (groups by (norm, lr), speed-ups over none), never pooled
-across values. Probe curves (probe/*, ics/*; bnexp/probes.py) are summarized per run as the
+ordinary statistics of bnexp.report.stats (groups by (norm, lr), speed-ups over none), never pooled
+across values. Probe curves (probe/*, ics/*; bnexp/run/probes.py) are summarized per run as the
 mean over its probe steps, then as mean +- std over seeds per (study value, norm, lr).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnexp.stats import SweepStats, group_runs, mean_std, summarize
-from bnexp.sweep import Run
+from bnexp.report.stats import SweepStats, group_runs, mean_std, summarize
+from bnexp.report.runs import Run
 
 # config key -> study name; the first key that varies decides (conf/experiment/<name>.yaml)
 STUDY_KEYS = {"model.widths": "depth", "train.batch_size": "batch_size", "norm.position": "placement"}
@@ -29,7 +29,7 @@ POSITION_ORDER = ("before", "after")
 
 @dataclass(frozen=True)
 class StudyValue:
-    """The runs of one value of the study key, with their bnexp.stats numbers."""
+    """The runs of one value of the study key, with their bnexp.report.stats numbers."""
 
     value: str  # as in the flattened config, e.g. "[100, 100]"
     label: str  # as the report shows it, e.g. "2"

@@ -6,8 +6,8 @@
 
 TensorBoard lists a run by its dir, so this is the name people compare runs by. The stamp keeps
 microseconds: two runs started in the same instant with the same overrides never share a dir.
-conf/config.yaml builds `hydra.run.dir` from it through the `bnexp.run_name` resolver
-(registered in bnexp.config.register_configs); sweeps name their jobs by Hydra's own
+conf/config.yaml builds `hydra.run.dir` from it through the `bnexp.jobs.run_name` resolver
+(registered in bnexp.jobs.hydra_setup.register_configs); sweeps name their jobs by Hydra's own
 `${hydra.job.override_dirname}`, with the same `key=value,key=value` look.
 """
 

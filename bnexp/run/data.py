@@ -1,7 +1,7 @@
 """MNIST as whole tensors on the training device: the split, the pixel scaling, the checks.
 
-The files come from bnexp.fetch (found, or fetched and verified, in `<root>/MNIST/raw/`) and
-are read with bnexp.idx. Everything then lives on the device as six tensors, so the training
+The files come from bnexp.run.fetch (found, or fetched and verified, in `<root>/MNIST/raw/`) and
+are read with bnexp.run.idx. Everything then lives on the device as six tensors, so the training
 loop slices batches by index and never touches Python per sample.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from bnexp.fetch import ensure_mnist
-from bnexp.idx import DataError, read_idx  # DataError: the one error type of data problems (cli.py catches it)
+from bnexp.run.fetch import ensure_mnist
+from bnexp.run.idx import DataError, read_idx  # DataError: the one error type of data problems (cli.py catches it)
 
 MEAN, STD = 0.1307, 0.3081  # pixel mean and std of the 60,000 training images, in [0, 1] units
 

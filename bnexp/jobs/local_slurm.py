@@ -192,7 +192,7 @@ def slurm_conf(root: Path, node: dict[str, str], gpu_files: list[str]) -> str:
                         ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory"))
     gres = f" Gres=gpu:{len(gpu_files)}" if gpu_files else ""
     lines = [
-        "# written by bnexp/local_slurm.py: a one-node cluster for trying and testing bnexp's SLURM launcher",
+        "# written by bnexp/jobs/local_slurm.py: a one-node cluster for trying and testing bnexp's SLURM launcher",
         "ClusterName=bnexp-local",
         f"SlurmctldHost={name}(127.0.0.1)",
         f"SlurmctldPort={free_port()}",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bnexp.sweep import Run
+    from bnexp.report.runs import Run
 
 RESULT_COLUMNS = ("status", "steps_done", "diverged_at_step")
 TIMING_COLUMNS = ("wall_s", "train_steps_per_s")

@@ -1,10 +1,10 @@
 """Everything a run writes to TensorBoard, through one writer whose events live in the run dir.
 
-Tags (bnexp/tags.py names them and says what each shows): `train/loss`, `val/loss`, `val/acc`,
+Tags (bnexp/run/tags.py names them and says what each shows): `train/loss`, `val/loss`, `val/acc`,
 `test/loss`, `test/acc`, `lr`; per BN layer the histograms `bn/<layer>/running_mean|running_var`
 and the scalars `bn/<layer>/running_mean_avg|running_var_avg` (one tag, one kind);
 `act/<layer>/p15|p50|p85` (the input to the nonlinearity); at the end `summary/steps_to_0.95`
-and the run's HParams entry (bnexp/hparams.py), in the same run.
+and the run's HParams entry (bnexp/run/hparams.py), in the same run.
 With probes on (probe.every > 0): `probe/loss_min|loss_max|grad_change|beta`, `ics/<layer>/l2|cos`;
 with probe.train_mode_acc: `test/acc_train_mode` beside the evaluation metrics.
 """
@@ -33,9 +33,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import histogram
 from torch.utils.tensorboard.writer import FileWriter
 
-from bnexp import crc32c
-from bnexp.hparams import hparams_summaries
-from bnexp.tags import (BN_STATS, PERCENTILES, STEPS_TAG, STEPS_TARGET, act_tag, bn_histogram_tag,
+from bnexp.run import crc32c
+from bnexp.run.hparams import hparams_summaries
+from bnexp.run.tags import (BN_STATS, PERCENTILES, STEPS_TAG, STEPS_TARGET, act_tag, bn_histogram_tag,
                         bn_scalar_tag, describe)
 
 
@@ -143,7 +143,7 @@ class Monitor:
 
     def running_stats(self, step: int, norms: dict[str, torch.nn.Module]) -> None:
         """Each BN layer's running mean and variance: every feature as a histogram, their average
-        as a scalar under a tag of its own (one tag, one kind: bnexp/tags.py)."""
+        as a scalar under a tag of its own (one tag, one kind: bnexp/run/tags.py)."""
         for name, norm in norms.items():
             for stat in BN_STATS:
                 buf = getattr(norm, stat, None)
@@ -169,7 +169,7 @@ class Monitor:
                 self.scalar(act_tag(f"layer{k}", p), v, step)
 
     def probes(self, step: int, values: dict[str, float]) -> None:
-        """One probe step's values (bnexp/probes.py): `probe/loss_min|loss_max|grad_change|beta`
+        """One probe step's values (bnexp/run/probes.py): `probe/loss_min|loss_max|grad_change|beta`
         and `ics/<layer>/l2|cos`, written at the segment's end with its losses."""
         for tag, value in values.items():
             self.scalar(tag, value, step)
@@ -187,7 +187,7 @@ class Monitor:
     def run_end(self, summary: dict[str, Any]) -> None:
         """At the end of a completed or diverged run: steps to STEPS_TARGET as a scalar (NaN when
         never reached) and the run's HParams entry, whose metrics are its last test/acc, val/acc,
-        steps to the target, test/loss, val/loss (bnexp/hparams.py)."""
+        steps to the target, test/loss, val/loss (bnexp/run/hparams.py)."""
         reached = summary["steps_to_test_acc"].get(f"{STEPS_TARGET:.2f}")
         step = summary["steps_done"] if summary["steps_done"] is not None else 0
         self.scalar(STEPS_TAG, math.nan if reached is None else reached, step)

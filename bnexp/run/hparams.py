@@ -25,7 +25,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
 from bnexp.config import ACTIVATIONS, DEVICES, RESUME_MODES, norm_names
-from bnexp.tags import STEPS_TAG, STEPS_TARGET
+from bnexp.run.tags import STEPS_TAG, STEPS_TARGET
 
 # Config key -> the column title; in this order they are the columns ticked by default.
 PINNED = {"norm.name": "norm", "optim.lr": "optim.lr", "seed": "seed", "optim.name": "optim",

@@ -28,18 +28,16 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
 
-if TYPE_CHECKING:
-    from bnexp.sweep import Run
+from bnexp.report.runs import AGGREGATE_MARKER, Run
 
 AGGREGATES_DIR = "aggregates"
-MARKER = "aggregate.json"  # in every aggregate run dir; bnexp.sweep.dirs_without_summary skips them
+MARKER = AGGREGATE_MARKER  # in every aggregate run dir; bnexp.report.runs.dirs_without_summary skips them
 IGNORED_KEYS = ("seed", "data.root", "train.resume")  # not part of what a configuration is
 EVAL_METRICS = ("test/acc", "val/acc", "test/loss")
 LOSS = "train/loss"

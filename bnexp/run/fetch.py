@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from bnexp.idx import DataError, read_idx, write_idx
+from bnexp.run.idx import DataError, read_idx, write_idx
 
 log = logging.getLogger(__name__)
 

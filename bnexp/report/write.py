@@ -1,13 +1,13 @@
 """Sweep dir -> report.md and figures: does batch norm make training converge faster?
 
-`write_report` is what scripts/report.py calls: it loads the sweep (bnexp.sweep), computes its
-numbers (bnexp.stats), draws the figures (bnexp.figures) and writes report.md from this module:
+`write_report` is what scripts/report.py calls: it loads the sweep (bnexp.report.runs), computes its
+numbers (bnexp.report.stats), draws the figures (bnexp.report.figures) and writes report.md from this module:
 
 - per-group steps to 90/95/97% test accuracy (mean +- std and how many seeds got there) and
   final test accuracy;
 - the speed-up of custom/native over none, at each lr and at each variant's best lr;
 - custom-vs-native agreement, and a conclusion written from those numbers;
-- for a study sweep (bnexp.studies: model.widths, train.batch_size or norm.position varies),
+- for a study sweep (bnexp.report.studies: model.widths, train.batch_size or norm.position varies),
   those tables per study value instead, BN's advantage per value and the train/eval gap;
 - where runs have probes (probe.every > 0), the landscape and ICS numbers per variant.
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnexp.aggregate import write_aggregates
-from bnexp.export import write_exports
-from bnexp.figures import write_figures
-from bnexp.stats import (AGREE_ACC_TOL, AGREE_LOSS_TOL, N_LOSS_COMPARE, AccStats, Agreement, Group,
+from bnexp.report.aggregate import write_aggregates
+from bnexp.report.export import write_exports
+from bnexp.report.figures import write_figures
+from bnexp.report.stats import (AGREE_ACC_TOL, AGREE_LOSS_TOL, N_LOSS_COMPARE, AccStats, Agreement, Group,
                          StepStats, SweepStats, best_group, summarize)
-from bnexp.studies import STUDY_COLUMN, ProbeRow, Study, probe_quantities, probe_stats, study_stats
-from bnexp.sweep import dirs_without_summary, load_runs
+from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study, probe_quantities, probe_stats, study_stats
+from bnexp.report.runs import dirs_without_summary, load_runs
 
 
 def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = "") -> tuple[Path, list[Path]]:
@@ -40,8 +40,8 @@ def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = ""
     figures = write_figures(runs, stats, out, prefix, study)
     report = out / f"{prefix}report.md"
     report.write_text(render_markdown(stats, root, figures, study, probes, quantities))
-    write_exports(runs, root, out, prefix)  # runs.csv, curves.csv (bnexp/export.py)
-    write_aggregates(runs, root, out, prefix)  # seed aggregates for TensorBoard (bnexp/aggregate.py)
+    write_exports(runs, root, out, prefix)  # runs.csv, curves.csv (bnexp/report/export.py)
+    write_aggregates(runs, root, out, prefix)  # seed aggregates for TensorBoard (bnexp/report/aggregate.py)
     return report, [out / name for name in figures]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bnexp.atomic import atomic_write
+from bnexp.run.atomic import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 IGNORED_ON_RESUME = ("train.resume",)  # config keys that may change between a run and its resume
