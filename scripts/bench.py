@@ -31,7 +31,7 @@ Threads under load (not in the default sections: they need a quiet machine and t
 `threads`: the MLP's training step at growing work per op, 1 vs 2 threads, alone and beside a
 CPU-bound competitor (a single-threaded Python busy loop), with passive and spinning OpenMP
 waits; it prints the smallest work from which 2 threads keep up with 1 beside the competitor,
-next to bnexp.runtime.THREADS_CROSSOVER_MACS (what `threads=auto` switches at). `load`: whole
+next to bnexp.run.runtime.THREADS_CROSSOVER_MACS (what `threads=auto` switches at). `load`: whole
 default runs through scripts/train.py (train_steps_per_s from summary.json) alone, beside the
 busy loop, and two started together, for threads=2 as before (spinning), 1, 2 and auto.
 Both are the 2-core case; on a bigger machine `taskset -c 0,1 python scripts/bench.py ...`
@@ -53,10 +53,10 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark
 
-from bnexp import compiled
-from bnexp.compiled import CompiledBatchNorm1d
+from bnexp.nn import compiled
+from bnexp.nn.compiled import CompiledBatchNorm1d
 from bnexp.layers import BatchNorm1d
-from bnexp.runtime import available_cores, wait_policy
+from bnexp.run.runtime import available_cores, wait_policy
 
 LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)
 QUICK_SHAPES = [(8, 4), (32, 16)]
@@ -239,16 +239,17 @@ LAYER_COLUMNS = [
 
 def _compose(overrides: list[str]):
     """The harness's own validated config, composed as scripts/train.py composes it."""
-    from bnexp.config import compose, to_config
+    from bnexp.config import to_config
+    from bnexp.jobs.hydra_setup import compose
 
     return to_config(compose(overrides))
 
 
 def harness_run(norm: str, steps: int, eval_every: int, tensorboard: bool = True, extra=()) -> dict:
-    """One bnexp.train run with the default MLP and batch 60; its summary.json."""
+    """One bnexp.run.loop.train run with the default MLP and batch 60; its summary.json."""
     import tempfile
 
-    from bnexp.train import train
+    from bnexp.run.loop import train
 
     cfg = _compose([f"norm={norm}", f"train.steps={steps}", f"train.eval_every={eval_every}",
                     f"train.tensorboard={str(tensorboard).lower()}", f"train.checkpoint_every={steps}",
@@ -266,8 +267,8 @@ def dataloader_steps_per_s(steps: int) -> float:
     from torchvision import datasets, transforms
 
     from bnexp.config import PROJECT_ROOT
-    from bnexp.fetch import ensure_mnist
-    from bnexp.model import MLP, init_weights
+    from bnexp.run.fetch import ensure_mnist
+    from bnexp.nn.model import MLP, init_weights
 
     root = Path(os.environ.get("BNEXP_DATA", PROJECT_ROOT / "data"))
     ensure_mnist(root)
@@ -350,7 +351,7 @@ PROBE_EVERY = 100  # the default probe schedule: conf/experiment/santurkar.yaml
 
 
 def bench_probes(args) -> list[dict]:
-    """What the why-measurements cost (bnexp/probes.py, bnexp/noise.py): the default MLP with
+    """What the why-measurements cost (bnexp/run/probes.py, bnexp/nn/noise.py): the default MLP with
     norm=custom, probes off vs probe.every=100 (landscape + ICS), and norm=custom_noisy vs custom,
     as training steps/s (probe time included, as summary.json counts it), interleaved repeats."""
     torch.set_num_threads(args.threads)
@@ -420,7 +421,7 @@ def mlp_steps_per_s(batch: int, width: int, threads: int, min_time: float) -> fl
 
     import torch.nn.functional as F
 
-    from bnexp.model import MLP
+    from bnexp.nn.model import MLP
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -472,7 +473,7 @@ def bench_threads(args) -> list[dict]:
     """The crossover: steps/s of the MLP step at growing work per op with 1 and 2 threads,
     alone and beside one busy loop, under both wait policies; and the smallest measured work
     from which 2 threads keep up with 1 beside the busy loop (what `threads=auto` switches at)."""
-    from bnexp.runtime import THREADS_CROSSOVER_MACS, choose_threads, work_per_op
+    from bnexp.run.runtime import THREADS_CROSSOVER_MACS, choose_threads, work_per_op
 
     shapes = QUICK_CROSSOVER_SHAPES if args.quick else CROSSOVER_SHAPES
     rows = []
@@ -489,7 +490,7 @@ def bench_threads(args) -> list[dict]:
     for where, key in (("alone", "idle_gain"), ("beside a busy loop", "busy_gain")):
         rows.append({"policy": "passive", "shape": f"measured crossover, {where}",
                      "work_m": crossover(passive, key)})
-    rows.append({"policy": "passive", "shape": "bnexp.runtime crossover", "work_m": THREADS_CROSSOVER_MACS / 1e6})
+    rows.append({"policy": "passive", "shape": "bnexp.run.runtime crossover", "work_m": THREADS_CROSSOVER_MACS / 1e6})
     return rows
 
 
@@ -603,7 +604,7 @@ QUICK_SWEEP = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=
 
 # the sweeps compared: experiment=convergence with its own joblib (one job per core), and with the
 # batched launcher under the preset's n_jobs=-1 (one group process per core, groups sized to
-# fill every round, bnexp.group.balanced_cap), and in one
+# fill every round, bnexp.jobs.groups.balanced_cap), and in one
 # process with every core; then both again evaluating every 1,000 steps instead of every 100,
 # where evaluation (full validation and test sets, which no launcher makes cheaper per run)
 # takes a smaller share of a run
@@ -646,7 +647,7 @@ def group_model_steps_per_s(k: int, steps: int, device: str) -> float:
     k = 1 is the solo path itself, the baseline."""
     import tempfile
 
-    from bnexp.group import MemberSpec, train_group
+    from bnexp.run.loop import MemberSpec, train_group
 
     lrs = (0.1, 0.3, 1.0, 3.0, 10.0)
     cfgs = [_compose(["experiment=convergence", "norm=custom", f"optim.lr={lrs[i % 5]}", f"seed={i // 5}",
@@ -698,10 +699,73 @@ SWEEP_COLUMNS = [
 ]
 
 
+def bench_stack(args) -> list[dict]:
+    """K members' training step (forward + backward, no update) two ways: the stacked model
+    (bnexp/nn/stacked.py: batched matmuls, each norm stacked from its registry entry) and
+    torch.func's ensembling (stack_module_state + functional_call under vmap); ms per step,
+    interleaved repeats, medians. The default MLP, batch 60, K = 13 (a convergence group)."""
+    import copy
+    import time
+
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from bnexp.config import NormConfig
+    from bnexp.nn.model import MLP, init_weights
+    from bnexp.nn.registry import stacked_model
+    from bnexp.nn.stacked import member_losses
+
+    torch.set_num_threads(args.threads)
+    K, B, steps = 13, 60, 20 if args.quick else 200
+    rows = []
+    for norm in ("none", "custom", "native"):
+        models = []
+        for seed in range(K):
+            model = MLP([100, 100, 100], "sigmoid", norm)
+            init_weights(model, 0.1, torch.Generator().manual_seed(seed))
+            models.append(model)
+        stacked = stacked_model(K, models[0], NormConfig(name=norm))
+        for k, model in enumerate(models):
+            stacked.load_member(k, model)
+        x, y = torch.randn(K, B, 784), torch.randint(0, 10, (K, B))
+        params, buffers = stack_module_state(models)
+        params = {name: t.detach().requires_grad_() for name, t in params.items()}
+        base = copy.deepcopy(models[0]).to("meta")
+        one = vmap(lambda p, b, xx, yy: F.cross_entropy(functional_call(base, (p, b), (xx,)), yy))
+        ways = {"stacked": lambda: member_losses(stacked, x, y).sum().backward(),
+                "vmap": lambda: one(params, buffers, x, y).sum().backward()}
+        times: dict[str, list[float]] = {w: [] for w in ways}
+        error = None
+        for _ in range(args.repeats):
+            for way, step in ways.items():
+                if way not in times:  # it failed in an earlier repeat
+                    continue
+                try:
+                    step()  # warm-up
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        step()
+                    times[way].append((time.perf_counter() - start) / steps * 1e3)
+                except RuntimeError as exc:  # our layer's autograd.Function has no vmap rule
+                    error = str(exc).split(".")[0]
+                    times.pop(way)
+        med = {w: statistics.median(v) for w, v in times.items()}
+        rows.append({"what": f"norm={norm}, stacked model", "ms_per_step": round(med["stacked"], 2)})
+        if "vmap" in med:
+            rows.append({"what": f"norm={norm}, torch.func vmap", "ms_per_step": round(med["vmap"], 2),
+                         "ratio": f"{med['vmap'] / med['stacked']:.2f}x the stacked model's time"})
+        else:
+            rows.append({"what": f"norm={norm}, torch.func vmap", "ratio": f"fails: {error}"})
+    return rows
+
+
+STACK_COLUMNS = [("what", "what", "{}"), ("ms_per_step", "ms/step", "{}"), ("ratio", "vmap / stacked", "{}")]
+
+
 SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "training": (bench_training, TRAINING_COLUMNS),
             "threads": (bench_threads, THREADS_COLUMNS), "load": (bench_load, LOAD_COLUMNS),
             "probes": (bench_probes, TRAINING_COLUMNS),
-            "sweep": (bench_sweep, SWEEP_COLUMNS)}
+            "sweep": (bench_sweep, SWEEP_COLUMNS), "stack": (bench_stack, STACK_COLUMNS)}
 
 
 # ----------------------------------------------------------------------------- output
