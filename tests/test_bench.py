@@ -97,7 +97,7 @@ def test_bench_threads_section_compares_one_and_two_threads(tmp_path):
     assert measured[0]["work_m"] == 1.491 and measured[0]["auto"] == 1
     summary = {row["shape"]: row for row in data["threads"] if "idle_1" not in row}
     assert set(summary) == {"measured crossover, alone", "measured crossover, beside a busy loop",
-                            "bnexp.runtime crossover"}
+                            "bnexp.run.runtime crossover"}
     assert "2t/1t busy" in result.stdout
 
 
