@@ -26,7 +26,7 @@ Reading order: ``forward_formulas`` and ``backward_formulas`` are the two blocks
 ``BatchNormFunction`` hands them to autograd and updates the running statistics; the
 "speed" section holds the two per-call tricks the layer keeps; ``batch_norm`` and
 ``BatchNorm1d`` are the functional and module front doors. Nothing here imports from
-bnexp: bnexp/compiled.py builds a faster path for large inputs on top of this module.
+bnexp: bnexp/nn/compiled.py builds a faster path for large inputs on top of this module.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
 # size: the layer's cost is per call, not per value. The two tricks below earn their place
 # there; each gain is the share of a training step of the default MLP (3 layers) that it
 # saves, in instructions counted with valgrind's callgrind (which load from other processes
-# does not disturb). Large inputs are the job of CompiledBatchNorm1d (bnexp/compiled.py).
+# does not disturb). Large inputs are the job of CompiledBatchNorm1d (bnexp/nn/compiled.py).
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,7 +307,7 @@ class BatchNorm1d(nn.Module):
         return self._batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 use_batch_stats, momentum, self.eps)
 
-    # the function forward ends in; CompiledBatchNorm1d (bnexp/compiled.py) swaps in its own
+    # the function forward ends in; CompiledBatchNorm1d (bnexp/nn/compiled.py) swaps in its own
     _batch_norm = staticmethod(batch_norm)
 
 
@@ -340,3 +340,7 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
 
 def _describe(tensor: Tensor | None) -> str:
     return "None" if tensor is None else f"a tensor of size {tuple(tensor.shape)}"
+
+
+# users import every layer from bnexp.layers: the other normalizations live in their own module
+from bnexp.normalizations import LayerNorm, layer_norm, GroupNorm, group_norm, BatchRenorm1d, batch_renorm  # noqa: E402,F401

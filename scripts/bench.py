@@ -8,6 +8,7 @@ training loop vs a pytorch/examples-style DataLoader pipeline.
     python scripts/bench.py --no-compile                     # skip the torch.compile rows (seconds a shape)
     python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
     python scripts/bench.py --sections layer --steady-malloc # freed memory stays mapped: no page faults
+    python scripts/bench.py --sections norms                 # LayerNorm, GroupNorm, BatchRenorm1d vs torch's
     python scripts/bench.py --sections threads load --repeats 3   # threads under load: quiet machine, ~15 min
     python scripts/bench.py --sections sweep                 # experiment=convergence: batched vs joblib launcher
     python scripts/bench.py --sections sweep --quick         # the same, tiny budgets (smoke test)
@@ -56,6 +57,7 @@ from torch.utils import benchmark
 from bnexp.nn import compiled
 from bnexp.nn.compiled import CompiledBatchNorm1d
 from bnexp.layers import BatchNorm1d
+from bnexp.normalizations import BatchRenorm1d, GroupNorm, LayerNorm, autograd_forward
 from bnexp.run.runtime import available_cores, wait_policy
 
 LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)
@@ -232,6 +234,75 @@ LAYER_COLUMNS = [
     ("saved_bytes_native", "saved B native", "{}"),
     ("saved_bytes_custom", "saved B custom", "{}"),
     ("saved_bytes_compiled", "saved B compiled", "{}"),
+]
+
+# ----------------------------------------------------------------------------- norms section
+# bnexp/normalizations.py's layers in the layer section's style: training forward + backward,
+# ours against torch's (BatchRenorm1d, which torch lacks: against nn.BatchNorm1d and our
+# BatchNorm1d), and our analytic backward against the same forward formulas under plain
+# autograd: the measurement that decided each layer keeps its analytic backward.
+
+NORM_SHAPES = [(60, 100), (1024, 512)]  # the harness's batch, and a larger one (batch, features)
+NORM_GROUPS = 4  # GroupNorm rows: 4 groups, of 25 channels at 100 features
+
+
+def autograd_train_step(layer, x, upstream):
+    """train_step with the layer's forward formulas under plain autograd instead of its analytic backward."""
+    def step():
+        output = autograd_forward(layer, x)
+        return torch.autograd.grad(output, [x, layer.weight, layer.bias], upstream)
+    return step
+
+
+def norm_rows(shape, device, args) -> list[dict]:
+    """One row per normalization at one input shape: ours / torch's, and analytic / autograd."""
+    print(f"norms {device} {tuple(shape)} ...", file=sys.stderr, flush=True)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 50 + 10).to(device).requires_grad_()
+    upstream = torch.randn(shape, generator=gen).to(device)
+    features = shape[1]
+    layers = [  # (ours, torch's, our BatchNorm1d or None)
+        (LayerNorm(features, device=device), torch.nn.LayerNorm(features, device=device), None),
+        (GroupNorm(NORM_GROUPS, features, device=device), torch.nn.GroupNorm(NORM_GROUPS, features, device=device),
+         None),
+        # r_max = 3, d_max = 5 from the first step (the schedule's limits change values, not ops)
+        (BatchRenorm1d(features, hold_steps=0, warmup_steps=0, device=device),
+         torch.nn.BatchNorm1d(features, device=device), BatchNorm1d(features, device=device)),
+    ]
+    rows = []
+    for ours, native, our_bn in layers:
+        row = {"layer": type(ours).__name__, "device": device, "shape": list(shape),
+               "native": f"nn.{type(native).__name__}"}
+        timed = compare(train_step(native, x, upstream), train_step(ours, x, upstream), args)
+        row.update({f"train_{k}": timed[k] for k in ("native_us", "custom_us", "ratio")})
+        if our_bn is not None:
+            timed = compare(train_step(our_bn, x, upstream), train_step(ours, x, upstream), args)
+            row.update(bn_us=timed["native_us"], bn_ratio=timed["ratio"])
+        timed = compare(autograd_train_step(ours, x, upstream), train_step(ours, x, upstream), args)
+        row.update(autograd_us=timed["native_us"], analytic_ratio=timed["ratio"])
+        rows.append(row)
+    return rows
+
+
+def bench_norms(args) -> list[dict]:
+    """The norms section: per (device, shape), one row per normalization."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    shapes = QUICK_SHAPES if args.quick else NORM_SHAPES
+    return [row for device in devices for shape in shapes for row in norm_rows(shape, device, args)]
+
+
+NORM_COLUMNS = [
+    ("layer", "layer", "{}"),
+    ("device", "device", "{}"),
+    ("shape", "shape", "{}"),
+    ("native", "torch's", "{}"),
+    ("train_native_us", "train torch us", "{:.1f}"),
+    ("train_custom_us", "train ours us", "{:.1f}"),
+    ("train_ratio", "ours / torch", "{:.2f}"),
+    ("bn_us", "our BatchNorm1d us", "{:.1f}"),
+    ("bn_ratio", "ours / our BN", "{:.2f}"),
+    ("autograd_us", "plain autograd us", "{:.1f}"),
+    ("analytic_ratio", "analytic / autograd", "{:.2f}"),
 ]
 
 # ----------------------------------------------------------------------------- training
@@ -762,7 +833,8 @@ def bench_stack(args) -> list[dict]:
 STACK_COLUMNS = [("what", "what", "{}"), ("ms_per_step", "ms/step", "{}"), ("ratio", "vmap / stacked", "{}")]
 
 
-SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "training": (bench_training, TRAINING_COLUMNS),
+SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "norms": (bench_norms, NORM_COLUMNS),
+            "training": (bench_training, TRAINING_COLUMNS),
             "threads": (bench_threads, THREADS_COLUMNS), "load": (bench_load, LOAD_COLUMNS),
             "probes": (bench_probes, TRAINING_COLUMNS),
             "sweep": (bench_sweep, SWEEP_COLUMNS), "stack": (bench_stack, STACK_COLUMNS)}
@@ -793,7 +865,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the torch.compile rows (each large shape compiles for seconds)")
     # training first: its harness timings are the most sensitive to what the process did before
     # (the layer section allocates GBs and compiles kernels)
-    parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=["training", "probes", "layer"])
+    parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=["training", "probes", "layer", "norms"])
     parser.add_argument("--sweep-repeats", type=int, default=1,
                         help="repeats of the two convergence sweeps (sweep section; each pair takes minutes)")
     parser.add_argument("--sweep-device", choices=["cpu", "cuda"], default="cpu",
