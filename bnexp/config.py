@@ -41,6 +41,14 @@ class NormConfig:
     noise_shift: float = 1.0
     noise_scale: float = 2.0
     noise_jitter: float = 0.1
+    # norm=group only: groups of channels per hidden layer (a divisor of every width)
+    groups: int = 4
+    # norm=batch_renorm only (bnexp/nn/batch_renorm.py): the limits of r and d, reached after
+    # hold_steps steps of plain batch norm (r_max 1, d_max 0) and warmup_steps of linear relaxing
+    r_max: float = 3.0
+    d_max: float = 5.0
+    hold_steps: int = 1000
+    warmup_steps: int = 4000
 
 
 @dataclass
@@ -147,10 +155,13 @@ def validate(cfg: Config) -> None:
     _require(_positive_finite(m.init_std), "model.init_std", m.init_std, "a finite number > 0")
     t = cfg.train
     _require(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
-    min_batch = 1 if cfg.norm.name == "none" else 2
+    min_batch = 2 if _registry()[cfg.norm.name].batch_stats else 1
     _require(t.batch_size >= min_batch, "train.batch_size", t.batch_size,
              f"an integer >= {min_batch} (batch norm needs 2 samples to estimate a variance)"
              if min_batch == 2 else "an integer >= 1")
+    if cfg.norm.name == "group":
+        _require(all(w % cfg.norm.groups == 0 for w in m.widths), "norm.groups", cfg.norm.groups,
+                 f"a divisor of every hidden width (model.widths={m.widths})")
     for key in ("eval_every", "log_every", "checkpoint_every"):
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     _require(t.resume in RESUME_MODES, "train.resume", t.resume, f"one of {', '.join(RESUME_MODES)}")
@@ -163,7 +174,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_norm_extras(norm: NormConfig) -> None:
-    """norm.position and the noisy variant's keys (bnexp/nn/noise.py)."""
+    """norm.position and the variants' own keys: noise (bnexp/nn/noise.py), groups, renorm limits."""
     _require(norm.position in POSITIONS, "norm.position", norm.position, f"one of {', '.join(POSITIONS)}")
     _require(not norm.compile or _registry()[norm.name].compile != "refused", "norm.compile", norm.compile,
              f"false with norm={norm.name} (it runs our layer eagerly)")
@@ -173,6 +184,13 @@ def _validate_norm_extras(norm: NormConfig) -> None:
              and norm.noise_scale >= 1, "norm.noise_scale", norm.noise_scale, "a finite number >= 1")
     _require(isinstance(norm.noise_jitter, (int, float)) and math.isfinite(norm.noise_jitter)
              and norm.noise_jitter >= 0, "norm.noise_jitter", norm.noise_jitter, "a finite number >= 0")
+    _require(norm.groups >= 1, "norm.groups", norm.groups, "an integer >= 1 (norm=group: a divisor of every width)")
+    _require(isinstance(norm.r_max, (int, float)) and math.isfinite(norm.r_max) and norm.r_max >= 1,
+             "norm.r_max", norm.r_max, "a finite number >= 1")
+    _require(isinstance(norm.d_max, (int, float)) and math.isfinite(norm.d_max) and norm.d_max >= 0,
+             "norm.d_max", norm.d_max, "a finite number >= 0")
+    for key in ("hold_steps", "warmup_steps"):
+        _require(getattr(norm, key) >= 0, f"norm.{key}", getattr(norm, key), "an integer >= 0")
 
 
 def _validate_probe(probe: ProbeConfig) -> None:

@@ -6,7 +6,7 @@ from bnexp.config import AdamConfig, Config, ConfigError, SGDConfig, flatten, to
 from conftest import compose_config, run_script
 
 
-@pytest.mark.parametrize("norm", ["none", "custom", "native"])
+@pytest.mark.parametrize("norm", ["none", "custom", "native", "custom_noisy", "layer", "group", "batch_renorm"])
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
 def test_every_norm_and_optim_composes_and_validates(norm, optim):
     """Each option of the norm and optim groups composes into a typed, valid Config."""
@@ -56,7 +56,13 @@ BAD_VALUES = [
     ("train.resume=maybe", "train.resume='maybe'", "auto, never"),
     ("device=tpu", "device='tpu'", "auto, cpu, cuda"),
     ("threads=0", "threads='0'", "'auto' or an integer >= 1"),
-    ("norm.name=layer", "norm.name='layer'", "none, custom, native"),
+    ("norm.name=weight", "norm.name='weight'", "none, custom, native, custom_noisy, layer, group, batch_renorm"),
+    ("norm=group norm.groups=3", "norm.groups=3", "a divisor of every hidden width (model.widths=[100, 100, 100])"),
+    ("norm.groups=0", "norm.groups=0", "an integer >= 1"),
+    ("norm.r_max=0.5", "norm.r_max=0.5", "a finite number >= 1"),
+    ("norm.d_max=-1", "norm.d_max=-1.0", "a finite number >= 0"),
+    ("norm.hold_steps=-1", "norm.hold_steps=-1", "an integer >= 0"),
+    ("norm=batch_renorm train.batch_size=1", "train.batch_size=1", ">= 2"),
 ]
 
 
@@ -64,14 +70,15 @@ BAD_VALUES = [
 def test_bad_values_are_refused_with_key_value_and_allowed(override, named, allowed):
     """validate() names the key, the value given and what is allowed, in one line."""
     with pytest.raises(ConfigError) as err:
-        to_config(compose_config([override]))
+        to_config(compose_config(override.split()))
     message = str(err.value)
     assert named in message and allowed in message and "\n" not in message
 
 
-def test_batch_size_one_is_fine_without_a_norm():
-    """Only batch norm needs two samples per batch."""
-    assert to_config(compose_config(["norm=none", "train.batch_size=1"])).train.batch_size == 1
+@pytest.mark.parametrize("norm", ["none", "layer", "group"])
+def test_batch_size_one_is_fine_without_batch_statistics(norm):
+    """Only the norms that normalize by the batch need two samples per batch."""
+    assert to_config(compose_config([f"norm={norm}", "train.batch_size=1"])).train.batch_size == 1
 
 
 def test_flatten_gives_dotted_scalar_keys():

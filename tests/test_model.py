@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from bnexp import layers
+from bnexp.config import NormConfig
 from bnexp.nn.compiled import CompiledBatchNorm1d
 from bnexp.nn.model import MLP, init_weights, make_norm
 
@@ -16,15 +17,22 @@ def build(norm, seed=0, widths=(8, 6)):
 
 
 def test_make_norm_picks_each_variant():
-    """none -> Identity, custom -> ours (compiled with compile=True), native -> torch's; else refused."""
+    """none -> Identity, custom -> ours (compiled with compile=True), native -> torch's, the other
+    normalizations -> ours, with the run's settings from a NormConfig; else refused."""
     assert isinstance(make_norm("none", 4), nn.Identity)
     assert type(make_norm("custom", 4)) is layers.BatchNorm1d
     assert type(make_norm("native", 4)) is nn.BatchNorm1d
     compiled_norm = make_norm("custom", 4, compile=True)  # norm.compile=true
     assert type(compiled_norm) is CompiledBatchNorm1d and isinstance(compiled_norm, layers.BatchNorm1d)
     assert compiled_norm.state_dict().keys() == make_norm("native", 4).state_dict().keys()
-    with pytest.raises(ValueError, match="norm='group' is not known"):
-        make_norm("group", 4)
+    assert type(make_norm("layer", 4)) is layers.LayerNorm
+    group = make_norm(NormConfig(name="group", groups=2), 4)
+    assert type(group) is layers.GroupNorm and group.num_groups == 2
+    renorm = make_norm(NormConfig(name="batch_renorm", r_max=2.0, d_max=1.0, hold_steps=3, warmup_steps=7), 4)
+    assert type(renorm) is layers.BatchRenorm1d and (renorm.r_max, renorm.d_max, renorm.hold_steps,
+                                                    renorm.warmup_steps) == (2.0, 1.0, 3, 7)
+    with pytest.raises(ValueError, match="norm='weight' is not known"):
+        make_norm("weight", 4)
 
 
 @pytest.mark.parametrize("norm,has_bias", [("none", True), ("custom", False), ("native", False)])

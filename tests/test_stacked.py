@@ -15,12 +15,20 @@ from bnexp.run.engine import evaluate
 WIDTHS = [16, 12]
 
 
+# batch_renorm with r and d active from the first step (no hold, no warm-up); 4 groups of 4 and 3
+RENORM = {"r_max": 1.5, "d_max": 0.5, "hold_steps": 0, "warmup_steps": 0}
+
+
+def norm_cfg(norm: str) -> NormConfig:
+    return NormConfig(name=norm, **(RENORM if norm == "batch_renorm" else {}))
+
+
 def solo_models(norm: str, activation: str = "sigmoid", k: int = 3, position: str = "before") -> list[MLP]:
     """k solo MLPs as bnexp.run.member.build_model builds them, each with its own seed and init std."""
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
-        model = MLP(WIDTHS, activation, norm, position=position)
+        model = MLP(WIDTHS, activation, norm_cfg(norm), position=position)
         init_weights(model, 0.1 * (seed + 1), torch.Generator().manual_seed(seed))
         seed_noise(model, seed)
         models.append(model)
@@ -28,7 +36,7 @@ def solo_models(norm: str, activation: str = "sigmoid", k: int = 3, position: st
 
 
 def stack(models: list[MLP], norm: str, activation: str = "sigmoid") -> StackedMLP:
-    batched = stacked_model(len(models), models[0], NormConfig(name=norm))
+    batched = stacked_model(len(models), models[0], norm_cfg(norm))
     for k, model in enumerate(models):
         batched.load_member(k, model)
     return batched
@@ -36,7 +44,8 @@ def stack(models: list[MLP], norm: str, activation: str = "sigmoid") -> StackedM
 
 @pytest.mark.parametrize("norm,activation,position", [
     ("none", "sigmoid", "before"), ("custom", "relu", "before"), ("native", "tanh", "before"),
-    ("custom", "sigmoid", "after"), ("custom_noisy", "sigmoid", "before"), ("custom_noisy", "relu", "after")])
+    ("custom", "sigmoid", "after"), ("custom_noisy", "sigmoid", "before"), ("custom_noisy", "relu", "after"),
+    ("layer", "sigmoid", "before"), ("group", "tanh", "after"), ("batch_renorm", "relu", "before")])
 def test_forward_backward_and_running_stats_are_each_members_own(norm, activation, position):
     """Training mode: each member's logits, gradients, updated running stats and noise draws
     are its solo ones, in either position of the norm."""
@@ -53,14 +62,14 @@ def test_forward_backward_and_running_stats_are_each_members_own(norm, activatio
         torch.testing.assert_close(losses[k], loss)
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name][k].view_as(p), p.grad)
-        back = MLP(WIDTHS, activation, norm, position=position)
+        back = MLP(WIDTHS, activation, norm_cfg(norm), position=position)
         batched.store_member(k, back)  # running statistics and noise generators included
         for name, value in model.state_dict().items():
             torch.testing.assert_close(back.state_dict()[name], value)
 
 
 @pytest.mark.parametrize("rows", [None, 64], ids=["one-chunk", "chunks-of-64"])
-@pytest.mark.parametrize("norm", ["none", "custom", "native"])
+@pytest.mark.parametrize("norm", ["none", "custom", "native", "layer", "group", "batch_renorm"])
 def test_shared_evaluation_matches_solo_evaluate(norm, rows):
     """Eval mode on one split, whole or in chunks (the last one short): each member's loss and
     accuracy as bnexp.run.engine.evaluate gives them."""

@@ -10,10 +10,18 @@ from bnexp.config import NormConfig
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def make_norm(name: str, num_features: int, compile: bool = False, noise: dict | None = None) -> nn.Module:
+def norm_config(norm: str | NormConfig, compile: bool = False, noise: dict | None = None) -> NormConfig:
+    """A norm given by name (with compile and noise settings) or as the run's whole NormConfig."""
+    if isinstance(norm, NormConfig):
+        return norm
+    return NormConfig(name=norm, compile=compile, **{f"noise_{k}": v for k, v in (noise or {}).items()})
+
+
+def make_norm(norm: str | NormConfig, num_features: int, compile: bool = False, noise: dict | None = None) -> nn.Module:
     """The normalization after a hidden Linear, built by its registry entry (bnexp/nn/registry.py):
     none -> Identity, custom -> ours, native -> torch's, custom_noisy -> ours followed by shifting
-    noise (`noise` holds its shift, scale, jitter), ...
+    noise (`noise` holds its shift, scale, jitter), layer, group, batch_renorm -> ours. Given a
+    NormConfig, every key of it applies (norm.groups, norm.r_max, ...).
 
     compile=True (norm.compile) picks CompiledBatchNorm1d, which fuses our layer's training
     formulas with torch.compile at large inputs (bnexp/nn/compiled.py); its parameters and
@@ -21,9 +29,8 @@ def make_norm(name: str, num_features: int, compile: bool = False, noise: dict |
     """
     from bnexp.nn.registry import variant
 
-    noise = noise or {}
-    cfg = NormConfig(name=name, compile=compile, **{f"noise_{k}": v for k, v in noise.items()})
-    return variant(name).make(num_features, cfg)
+    cfg = norm_config(norm, compile, noise)
+    return variant(cfg.name).make(num_features, cfg)
 
 
 class HiddenLayer(nn.Module):
@@ -31,12 +38,13 @@ class HiddenLayer(nn.Module):
     Linear -> activation -> norm ("after"). Before the nonlinearity the Linear has no bias with
     a norm: the norm's beta replaces it; after it, the Linear keeps its bias."""
 
-    def __init__(self, fan_in: int, width: int, norm: str, activation: str, compile: bool = False,
+    def __init__(self, fan_in: int, width: int, norm: str | NormConfig, activation: str, compile: bool = False,
                  position: str = "before", noise: dict | None = None):
         super().__init__()
+        cfg = norm_config(norm, compile, noise)
         self.norm_after = position == "after"
-        self.linear = nn.Linear(fan_in, width, bias=norm == "none" or self.norm_after)
-        self.norm = make_norm(norm, width, compile, noise)
+        self.linear = nn.Linear(fan_in, width, bias=cfg.name == "none" or self.norm_after)
+        self.norm = make_norm(cfg, width)
         self.activation = ACTIVATIONS[activation]()
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,9 +62,12 @@ class HiddenLayer(nn.Module):
 
 
 class MLP(nn.Module):
-    """784 -> widths... -> 10 classifier; `hidden[k]` is TensorBoard's `layer{k+1}`."""
+    """784 -> widths... -> 10 classifier; `hidden[k]` is TensorBoard's `layer{k+1}`.
 
-    def __init__(self, widths: list[int], activation: str = "sigmoid", norm: str = "none",
+    norm: a variant's name (with compile and noise), or the run's NormConfig (every key applies).
+    """
+
+    def __init__(self, widths: list[int], activation: str = "sigmoid", norm: str | NormConfig = "none",
                  compile: bool = False, in_features: int = 784, classes: int = 10, *,
                  position: str = "before", noise: dict | None = None):
         super().__init__()

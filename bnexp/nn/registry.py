@@ -31,6 +31,7 @@ class NormVariant:
     make: Callable[..., nn.Module]  # (num_features, norm_cfg) -> the layer after a hidden Linear
     stack: Callable[..., nn.Module] | None  # (members, num_features, norm_cfg) -> the K-member layer
     running_stats: bool  # keeps running_mean / running_var buffers
+    batch_stats: bool  # normalizes by batch statistics in training: needs train.batch_size >= 2
     compile: str = "ignored"  # norm.compile=true: "fused" (a compiled form), "ignored" (nothing to compile), "refused"
     takes_noise: bool = False  # reads norm.noise_* (bnexp/nn/noise.py)
 
@@ -60,6 +61,46 @@ def _custom_noisy(num_features: int, cfg) -> nn.Module:
     return NoisyBatchNorm1d(num_features, **_noise_args(cfg))
 
 
+def _layer(num_features: int, cfg) -> nn.Module:
+    from bnexp.layers import LayerNorm
+
+    return LayerNorm(num_features)
+
+
+def _group(num_features: int, cfg) -> nn.Module:
+    from bnexp.layers import GroupNorm
+
+    return GroupNorm(cfg.groups, num_features)
+
+
+def _renorm_args(cfg) -> dict:
+    return {"r_max": cfg.r_max, "d_max": cfg.d_max, "hold_steps": cfg.hold_steps, "warmup_steps": cfg.warmup_steps}
+
+
+def _batch_renorm(num_features: int, cfg) -> nn.Module:
+    from bnexp.layers import BatchRenorm1d
+
+    return BatchRenorm1d(num_features, **_renorm_args(cfg))
+
+
+def _stacked_layer(members: int, num_features: int, cfg) -> nn.Module:
+    from bnexp.nn import stacked
+
+    return stacked.StackedLayerNorm(members, num_features)
+
+
+def _stacked_group(members: int, num_features: int, cfg) -> nn.Module:
+    from bnexp.nn import stacked
+
+    return stacked.StackedGroupNorm(members, num_features, cfg.groups)
+
+
+def _stacked_renorm(members: int, num_features: int, cfg) -> nn.Module:
+    from bnexp.nn import stacked
+
+    return stacked.StackedBatchRenorm1d(members * num_features, **_renorm_args(cfg))
+
+
 def _stacked_custom(members: int, num_features: int, cfg) -> nn.Module:
     from bnexp.nn import stacked
 
@@ -81,13 +122,23 @@ def _stacked_noisy(members: int, num_features: int, cfg) -> nn.Module:
 
 # In display order: the baseline first, then our layer, the reference, and the controls.
 NORMS: dict[str, NormVariant] = {v.name: v for v in (
-    NormVariant("none", "none", "tab:red", "-", "o", _identity, _identity, running_stats=False),
+    NormVariant("none", "none", "tab:red", "-", "o", _identity, _identity, running_stats=False,
+                batch_stats=False),
     # custom and native should overlap exactly: different dashes and markers keep both visible
     NormVariant("custom", "custom", "tab:blue", "-", "o", _custom, _stacked_custom, running_stats=True,
-                compile="fused"),
-    NormVariant("native", "native", "tab:green", "--", "s", _native, _stacked_native, running_stats=True),
+                batch_stats=True, compile="fused"),
+    NormVariant("native", "native", "tab:green", "--", "s", _native, _stacked_native, running_stats=True,
+                batch_stats=True),
     NormVariant("custom_noisy", "custom_noisy", "tab:purple", "-.", "^", _custom_noisy, _stacked_noisy,
-                running_stats=True, takes_noise=True, compile="refused"),
+                running_stats=True, batch_stats=True, takes_noise=True, compile="refused"),
+    # the controls that normalize by the sample (Ba et al. 2016; Wu & He 2018) or by the batch
+    # corrected toward the running statistics (Ioffe 2017): bnexp/layers.py re-exports them
+    NormVariant("layer", "layer", "tab:orange", ":", "D", _layer, _stacked_layer, running_stats=False,
+                batch_stats=False),
+    NormVariant("group", "group", "tab:brown", ":", "v", _group, _stacked_group, running_stats=False,
+                batch_stats=False),
+    NormVariant("batch_renorm", "batch_renorm", "tab:cyan", "-.", "P", _batch_renorm, _stacked_renorm,
+                running_stats=True, batch_stats=True),
 )}
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnexp.nn.compiled import CompiledBatchNorm1d
-from bnexp.layers import BatchNorm1d
+from bnexp.layers import BatchNorm1d, BatchRenorm1d
 from bnexp.nn.noise import draw_noise
 
 # Evaluation chunks: about this many values per activation tensor (4 MB of float32), so that
@@ -112,6 +112,40 @@ class StackedNoisyBatchNorm1d(ChannelStack, BatchNorm1d):
 
     def freeze_slot(self, k: int) -> None:
         self.generators[k] = None
+
+
+class StackedBatchRenorm1d(ChannelStack, BatchRenorm1d):
+    """K members of BatchRenorm1d (norm=batch_renorm): r and d are per channel, and the
+    schedule reads num_batches_tracked, which is shared (every training member is at one step)."""
+
+
+class StackedGroupNorm(nn.Module):
+    """K members of GroupNorm(groups, C) on (K, C, B): each member's sample b is normalized over
+    the C/groups channels of each group, then scaled and shifted per channel (its formulas, the
+    same as bnexp.layers.GroupNorm's; a (1, K*C, B) view would mix samples, so it is written for
+    this layout). With groups=1 it is layer norm over each sample's C features (StackedLayerNorm)."""
+
+    def __init__(self, members: int, num_features: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(members, num_features, 1))
+        self.bias = nn.Parameter(torch.zeros(members, num_features, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        K, C, B = z.shape
+        x = z.view(K, self.groups, C // self.groups, B)
+        mean = x.mean(dim=2, keepdim=True)
+        centered = x - mean
+        var = (centered * centered).mean(dim=2, keepdim=True)  # biased, as the layer's
+        x_hat = (centered * torch.rsqrt(var + self.eps)).view(K, C, B)
+        return x_hat * self.weight + self.bias
+
+
+class StackedLayerNorm(StackedGroupNorm):
+    """K members of LayerNorm(C) on (K, C, B): each sample normalized over its C features."""
+
+    def __init__(self, members: int, num_features: int, eps: float = 1e-5):
+        super().__init__(members, num_features, groups=1, eps=eps)
 
 
 # -- the stacked MLP ------------------------------------------------------------------------

@@ -56,8 +56,7 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
 def build_model(cfg: Config) -> MLP:
     """The run's MLP with its initial weights (N(0, init_std) from the seed) and noise generators."""
     n = cfg.norm
-    model = MLP(cfg.model.widths, cfg.model.activation, n.name, n.compile, position=n.position,
-                noise={"shift": n.noise_shift, "scale": n.noise_scale, "jitter": n.noise_jitter})
+    model = MLP(cfg.model.widths, cfg.model.activation, n, position=n.position)
     init_weights(model, cfg.model.init_std, torch.Generator().manual_seed(cfg.seed))
     seed_noise(model, cfg.seed)  # norm=custom_noisy only: its generators, before a resume restores them
     return model
