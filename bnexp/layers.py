@@ -342,5 +342,7 @@ def _describe(tensor: Tensor | None) -> str:
     return "None" if tensor is None else f"a tensor of size {tuple(tensor.shape)}"
 
 
-# users import every layer from bnexp.layers: the other normalizations live in their own module
-from bnexp.normalizations import LayerNorm, layer_norm, GroupNorm, group_norm, BatchRenorm1d, batch_renorm  # noqa: E402,F401
+# users import every layer from bnexp.layers: the other normalizations live in their own modules
+from bnexp.nn.layer_norm import LayerNorm, layer_norm  # noqa: E402,F401
+from bnexp.nn.group_norm import GroupNorm, group_norm  # noqa: E402,F401
+from bnexp.nn.batch_renorm import BatchRenorm1d, batch_renorm  # noqa: E402,F401

@@ -57,7 +57,10 @@ from torch.utils import benchmark
 from bnexp.nn import compiled
 from bnexp.nn.compiled import CompiledBatchNorm1d
 from bnexp.layers import BatchNorm1d
-from bnexp.normalizations import BatchRenorm1d, GroupNorm, LayerNorm, autograd_forward
+from bnexp.nn.batch_renorm import BatchRenorm1d
+from bnexp.nn.group_norm import GroupNorm
+from bnexp.nn.layer_norm import LayerNorm
+from bnexp.nn.norm_common import autograd_forward
 from bnexp.run.runtime import available_cores, wait_policy
 
 LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)
@@ -237,7 +240,7 @@ LAYER_COLUMNS = [
 ]
 
 # ----------------------------------------------------------------------------- norms section
-# bnexp/normalizations.py's layers in the layer section's style: training forward + backward,
+# the other normalizations (bnexp/nn/layer_norm.py, group_norm.py, batch_renorm.py) in the layer section's style: training forward + backward,
 # ours against torch's (BatchRenorm1d, which torch lacks: against nn.BatchNorm1d and our
 # BatchNorm1d), and our analytic backward against the same forward formulas under plain
 # autograd: the measurement that decided each layer keeps its analytic backward.

@@ -1,5 +1,5 @@
-"""bnexp.normalizations against torch's layer and group norm, and batch renorm against batch norm
-and the paper's equations; assert_close with its default tolerances throughout."""
+"""bnexp/nn's layer_norm and group_norm against torch's layer and group norm, and batch_renorm
+against batch norm and the paper's equations; assert_close with its default tolerances throughout."""
 from __future__ import annotations
 
 import io
@@ -14,10 +14,16 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnexp import layers, normalizations
+from bnexp import layers
 from bnexp.layers import BatchNorm1d
-from bnexp.normalizations import (BatchRenorm1d, GroupNorm, LayerNorm, autograd_forward, batch_renorm, group_norm,
-                                  layer_norm, renorm_limits)
+from bnexp.nn import batch_renorm as batch_renorm_module, group_norm as group_norm_module
+from bnexp.nn import layer_norm as layer_norm_module, norm_common
+from bnexp.nn.batch_renorm import BatchRenorm1d, batch_renorm, renorm_limits
+from bnexp.nn.group_norm import GroupNorm, group_norm
+from bnexp.nn.layer_norm import LayerNorm, layer_norm
+from bnexp.nn.norm_common import autograd_forward
+
+NORM_MODULES = [layer_norm_module, group_norm_module, batch_renorm_module, norm_common]
 
 DTYPES = [torch.float32, torch.float64]
 AFFINE = [dict(), dict(bias=False), dict(affine=False)]  # weight and bias; weight only; neither
@@ -539,9 +545,10 @@ FORBIDDEN = [r"\bF\s*\.\s*(layer_norm|group_norm|batch_norm|instance_norm)\b",
              r"\bfrom\s+torch(\s*\.\s*\w+)*\s+import\b[^\n]*\b(\w+_norm|LayerNorm|GroupNorm|BatchNorm\w*)\b"]
 
 
-def test_normalizations_module_never_calls_torch_norms():
-    """No code token of bnexp/normalizations.py names torch's layer, group or batch norm (docstrings may)."""
-    source = (Path(normalizations.__file__)).read_text()
+@pytest.mark.parametrize("module", NORM_MODULES, ids=lambda module: module.__name__)
+def test_normalization_modules_never_call_torch_norms(module):
+    """No code token of the normalizations' modules names torch's layer, group or batch norm (docstrings may)."""
+    source = (Path(module.__file__)).read_text()
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
     code = " ".join(t.string for t in tokens if t.type not in (tokenize.STRING, tokenize.COMMENT))
     assert [m.group(0) for p in FORBIDDEN for m in re.finditer(p, code)] == []
@@ -601,17 +608,29 @@ def test_analytic_backward_equals_plain_autograd(name):
             assert_close(plain.state_dict()[key], value)
 
 
-def test_normalizations_module_is_a_leaf():
-    """normalizations.py imports torch only, nothing from bnexp: bnexp.layers imports it, not the reverse."""
+@pytest.mark.parametrize("module", NORM_MODULES, ids=lambda module: module.__name__)
+def test_normalization_modules_are_leaves(module):
+    """The normalizations' modules import torch and each other only: bnexp.layers imports them, not the
+    reverse. At module level, norm_common imports nothing from bnexp and the layers only norm_common
+    (autograd_forward imports the layer modules when called)."""
     import ast
 
-    tree = ast.parse(Path(normalizations.__file__).read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not any(name.startswith("bnexp") for name in imported), imported
+    def bnexp_imports(nodes):
+        names = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in nodes if isinstance(node, ast.ImportFrom)}
+        return {name for name in names if name.startswith("bnexp")}
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    ours = {m.__name__ for m in NORM_MODULES}
+    assert bnexp_imports(ast.walk(tree)) <= ours - {module.__name__}, bnexp_imports(ast.walk(tree))
+    at_module_level = bnexp_imports(tree.body)
+    assert at_module_level == (set() if module is norm_common else {norm_common.__name__}), at_module_level
 
 
 def test_layers_re_exports_the_normalizations():
     """bnexp.layers gives the same objects, so every layer imports from one place."""
-    for name in ("LayerNorm", "layer_norm", "GroupNorm", "group_norm", "BatchRenorm1d", "batch_renorm"):
-        assert getattr(layers, name) is getattr(normalizations, name)
+    for module, names in ((layer_norm_module, ("LayerNorm", "layer_norm")),
+                          (group_norm_module, ("GroupNorm", "group_norm")),
+                          (batch_renorm_module, ("BatchRenorm1d", "batch_renorm"))):
+        for name in names:
+            assert getattr(layers, name) is getattr(module, name)

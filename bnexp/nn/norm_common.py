@@ -1,0 +1,119 @@
+"""What layer norm, group norm and batch renorm share: set statistics, an argument check, cached
+constants and ``autograd_forward``, the plain-autograd baseline.
+
+Layer norm (a row of D values) and group norm (a group's C / G channels times L positions)
+normalize sets of m values with the same formulas, written once here:
+
+    mean    = sum(x) / m
+    var     = sum((x - mean)^2) / m             # biased: divide by m
+    x_hat   = (x - mean) / sqrt(var + eps)      # _set_moments
+    dx      = (g - sum(g) / m - x_hat * sum(g * x_hat) / m) / sqrt(var + eps)   # _set_backward
+              (g = weight * dy, the sums over the set)
+
+Also here: ``_as_int``, torch's reading of an int argument (for the layers' argument checks);
+``autograd_forward``, which runs a layer's forward formulas under plain autograd instead of
+its analytic backward: the analytic backward is kept because it is faster than that at the
+harness's 60 x 100 batches for all three (scripts/bench.py --sections norms prints both);
+and the "speed" section, the one per-call trick kept (``_constants``).
+
+The layers are in bnexp/nn/layer_norm.py, group_norm.py and batch_renorm.py, which import
+this module; users import them from bnexp.layers, which re-exports them. This module imports
+torch only at module level: ``autograd_forward`` imports the three layer modules when it is
+called, and nothing here imports bnexp.layers (that would be a circle).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["autograd_forward"]
+
+
+def _set_moments(x: Tensor, dim: int, m, eps) -> tuple[Tensor, Tensor]:
+    """x_hat = (x - mean) / sqrt(var + eps) and 1 / sqrt(var + eps), over the m values along `dim`.
+
+    m and eps are numbers or 0-dim tensors holding them; the statistics keep their dim.
+    """
+    mean = x.sum(dim, keepdim=True) / m
+    centered = x - mean
+    var = (centered * centered).sum(dim, keepdim=True) / m  # biased: divide by m
+    rstd = torch.rsqrt(var + eps)
+    return centered * rstd, rstd
+
+
+def _set_backward(g: Tensor, x_hat: Tensor, rstd: Tensor, dim: int, m) -> Tensor:
+    """dx of a normalization over the m values along `dim`, from g = weight * dy.
+
+    The bracket's correction is the gradient's share through mean and var, which are
+    computed from x.
+    """
+    return (g - (g.sum(dim, keepdim=True) + x_hat * (g * x_hat).sum(dim, keepdim=True)) / m) * rstd
+
+def _as_int(value) -> int | None:
+    """value as an int where torch's argument parser takes it as one (not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # ints, numpy ints, one-element integer tensors
+    except TypeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- plain autograd
+
+
+def autograd_forward(layer: nn.Module, input: Tensor) -> Tensor:
+    """``layer(input)`` for a LayerNorm, GroupNorm or BatchRenorm1d, with plain autograd instead
+    of the layer's analytic backward: the same forward formulas and state changes, recorded op
+    by op. What the analytic backward is measured against (scripts/bench.py) and checked
+    against (tests/test_normalizations.py); argument checks are the layers' own.
+    """
+    # at call time: the layer modules import this one
+    from bnexp.nn.batch_renorm import BatchRenorm1d, _batch_renorm_rows, _on_rows, check_batch_renorm_args
+    from bnexp.nn.group_norm import (GroupNorm, _group_norm_positions, check_group_norm_args,
+                                     group_norm_forward_formulas)
+    from bnexp.nn.layer_norm import (LayerNorm, _layer_norm_rows, check_layer_norm_args,
+                                     layer_norm_forward_formulas)
+
+    if isinstance(layer, LayerNorm):
+        check_layer_norm_args(input, layer.normalized_shape, layer.weight, layer.bias)
+        rows, weight, bias, d, eps = _layer_norm_rows(input, layer.weight, layer.bias,
+                                                      len(layer.normalized_shape), layer.eps)
+        return layer_norm_forward_formulas(rows, weight, bias, d, eps)[0].view(input.shape)
+    if isinstance(layer, GroupNorm):
+        check_group_norm_args(input, layer.num_groups, layer.weight, layer.bias)
+        x, m, eps = _group_norm_positions(input, layer.num_groups, layer.eps)
+        return group_norm_forward_formulas(x, layer.num_groups, layer.weight, layer.bias, m, eps)[0].view(input.shape)
+    if isinstance(layer, BatchRenorm1d):
+        layer._check_input_dim(input)
+        momentum, r_max, d_max = layer._count_batch()
+        weight, bias, training = layer.weight, layer.bias, layer.training
+        mean, var = layer.running_mean, layer.running_var
+        check_batch_renorm_args(input, mean, var, weight, bias, training, momentum, layer.eps, r_max, d_max)
+        return _on_rows(lambda rows: _batch_renorm_rows(rows, weight, bias, mean, var, training, momentum,
+                                                        layer.eps, r_max, d_max)[0], input)
+    raise TypeError(f"autograd_forward takes a LayerNorm, GroupNorm or BatchRenorm1d, not {type(layer).__name__}")
+
+
+# ----------------------------------------------------------------------------- speed
+# At the harness's 60 x 100 batches a tensor op costs 1-3 us whatever its size, so the cost
+# is per call. The one trick kept (bnexp/layers.py's): a Python number in a tensor op is
+# wrapped into a new tensor on every call, ~1.5-3 us each here (x + 1e-5 takes 4.5 us, x + t
+# with a 0-dim tensor t 1.6 us); the counts and eps are made tensors once. For the same
+# reason the means are sum / m rather than .mean() (4.7 us against 2.3 + 1.2 us).
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(m: int, eps: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """m, eps and m / (m - 1) as 0-dim tensors in the input's dtype, made once per set size m.
+
+    Read-only: nothing writes into them. m / (m - 1) is NaN for m = 1 (batch renorm's
+    evaluation, the only place m = 1 is allowed, does not use it).
+    """
+    bessel = m / (m - 1) if m > 1 else float("nan")
+    with torch.inference_mode(False):  # usable outside inference mode even if made inside
+        return tuple(torch.tensor(v, dtype=dtype, device=device) for v in (m, eps, bessel))
