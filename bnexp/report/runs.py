@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bnexp.run.summary import STATUSES, Status, Summary
+
 AGGREGATE_MARKER = "aggregate.json"  # in every aggregate run dir (bnexp/report/aggregate.py): not a run
 
-
-STATUSES = ("completed", "diverged", "interrupted")
+# the Summary fields the report cannot do without (it reads the others with .get: they may be absent)
 REQUIRED_KEYS = ("status", "norm", "seed", "steps_done", "final", "steps_to_test_acc", "config")
 REQUIRED_CONFIG_KEYS = ("optim.lr", "train.steps")
 
@@ -33,7 +34,7 @@ class Run:
     """One run dir: its summary.json and its TensorBoard scalars (tag -> (steps, values))."""
 
     path: Path
-    summary: dict
+    summary: Summary
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -53,7 +54,7 @@ class Run:
         return float(self.config["optim.lr"])
 
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
         return self.summary["status"]
 
     @property
@@ -126,7 +127,7 @@ def dirs_without_summary(sweep_dir) -> list[Path]:
     return found
 
 
-def _read_summary(path: Path) -> dict:
+def _read_summary(path: Path) -> Summary:
     try:
         summary = json.loads(path.read_text())  # NaN literals from a diverged run parse as float nan
     except (OSError, ValueError) as err:

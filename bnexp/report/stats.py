@@ -14,9 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnexp.nn.registry import order as norm_order
-from bnexp.report.runs import STATUSES, ReportError, Run
+from bnexp.report.runs import ReportError, Run
+from bnexp.run.summary import STATUSES, STEPS_TO_TEST_ACC_KEYS
 
-THRESHOLDS = (0.90, 0.95, 0.97)  # test accuracies the table always shows
+# the test accuracies the per-(norm, lr) table always shows, besides the target: 0.90, 0.95, 0.97, the
+# steps_to_test_acc keys of summary.json but 0.98 (so their steps come from summary.json, not the curves)
+TABLE_TARGETS = tuple(float(k) for k in STEPS_TO_TEST_ACC_KEYS if k != "0.98")
 N_LOSS_COMPARE = 100  # custom vs native: compare this many first train/loss values
 AGREE_LOSS_TOL = 1e-3  # float rounding alone stays far below this after 100 steps
 AGREE_ACC_TOL = 0.005  # 50 of the 10,000 test images; rounding can flip a few late in training
@@ -124,7 +127,7 @@ class SweepStats:
 
     experiment: str
     target: float  # the test accuracy speed-ups are measured at
-    thresholds: list[float]  # THRESHOLDS and the target, ascending
+    thresholds: list[float]  # TABLE_TARGETS and the target, ascending
     counts: Counts
     budgets: list[int]
     eval_every: list
@@ -138,7 +141,7 @@ def summarize(runs: list[Run], target: float = 0.95, without_summary=()) -> Swee
     """Per-group statistics, speed-ups at `target` and custom-vs-native agreement of a sweep's runs."""
     if not 0 < target <= 1:
         raise ReportError(f"target {target} is not a test accuracy in (0, 1]")
-    thresholds = sorted(set(THRESHOLDS) | {target}, key=float)
+    thresholds = sorted(set(TABLE_TARGETS) | {target}, key=float)
     groups = [group_stats(norm, lr, rs, thresholds) for (norm, lr), rs in group_runs(runs).items()]
     return SweepStats(
         experiment=runs[0].experiment,

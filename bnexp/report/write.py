@@ -1,15 +1,17 @@
 """Sweep dir -> report.md and figures: does batch norm make training converge faster?
 
 `write_report` is what scripts/report.py calls: it loads the sweep (bnexp.report.runs), computes its
-numbers (bnexp.report.stats), draws the figures (bnexp.report.figures) and writes report.md from this module:
+numbers (bnexp.report.stats, bnexp.report.studies), draws the figures (bnexp.report.figures), writes
+report.md, the CSVs (bnexp.report.export) and the seed aggregates (bnexp.report.aggregate).
 
-- per-group steps to 90/95/97% test accuracy (mean +- std and how many seeds got there) and
-  final test accuracy;
-- the speed-up of custom/native over none, at each lr and at each variant's best lr;
-- custom-vs-native agreement, and a conclusion written from those numbers;
-- for a study sweep (bnexp.report.studies: model.widths, train.batch_size or norm.position varies),
-  those tables per study value instead, BN's advantage per value and the train/eval gap;
-- where runs have probes (probe.every > 0), the landscape and ICS numbers per variant.
+report.md (`render_markdown`) is its sections in order, their tables from bnexp.report.tables, and the
+conclusions this module writes from the numbers:
+
+- `conclusion`: which variants reached the target at which lr, the speed-up of custom/native over
+  none, runs that did not complete, and whether custom matches native;
+- `study_conclusion` (a study sweep: model.widths, train.batch_size or norm.position varies):
+  BN's speed-up and final accuracy per study value, where the train/eval gap is largest;
+- `probe_conclusion` (runs with probe.every > 0): the landscape numbers as multiples of none's, the ICS cosines.
 
 Runs that diverged or were interrupted are counted and shown, never dropped.
 """
@@ -20,10 +22,12 @@ from pathlib import Path
 from bnexp.report.aggregate import write_aggregates
 from bnexp.report.export import write_exports
 from bnexp.report.figures import write_figures
-from bnexp.report.stats import (AGREE_ACC_TOL, AGREE_LOSS_TOL, N_LOSS_COMPARE, AccStats, Agreement, Group,
-                         StepStats, SweepStats, best_group, summarize)
-from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study, probe_quantities, probe_stats, study_stats
 from bnexp.report.runs import dirs_without_summary, load_runs
+from bnexp.report.stats import (AGREE_ACC_TOL, AGREE_LOSS_TOL, N_LOSS_COMPARE, Agreement, Group, SweepStats, best_group,
+                                summarize)
+from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study, probe_quantities, probe_stats, study_stats
+from bnexp.report.tables import (agreement_lines, fmt_lr, fmt_mean_std, fmt_or_na, fmt_ratio, group_lines,
+                                 header_lines, probe_lines, speedup_lines, study_lines)
 
 
 def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = "") -> tuple[Path, list[Path]]:
@@ -53,126 +57,17 @@ def render_markdown(stats: SweepStats, sweep_dir: Path, figures: dict[str, str],
     probes add the landscape and ICS section.
     """
     if study is None:
-        lines = _header_lines(stats, sweep_dir) + _group_lines(stats) + _speedup_lines(stats)
-        lines += _agreement_lines(stats.agreement) + ["## Conclusion", "", conclusion(stats), ""]
+        lines = header_lines(stats, sweep_dir) + group_lines(stats) + speedup_lines(stats)
+        lines += agreement_lines(stats.agreement) + ["## Conclusion", "", conclusion(stats), ""]
     else:
-        lines = _header_lines(stats, sweep_dir, study) + _study_lines(study)
+        lines = header_lines(stats, sweep_dir, study) + study_lines(study)
+        lines += ["### What the study says", "", study_conclusion(study), ""]
     if probes:
-        lines += _probe_lines(probes, quantities, study)
+        lines += probe_lines(probes, quantities, study)
+        lines += ["### What the probes say", "", probe_conclusion(probes, quantities), ""]
     lines += ["## Figures", ""]
     lines += [f"![{name}]({name})\n\n{caption}\n" for name, caption in figures.items()] or ["No figures (no curves)."]
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- numbers as text
-
-def fmt_lr(lr: float) -> str:
-    return f"{lr:g}"
-
-
-def fmt_ratio(ratio: float | None, kind: str) -> str:
-    """'2.50x', '> 2.00x' (lower bound), '< 0.50x' (upper bound) or 'n/a'."""
-    if ratio is None:
-        return "n/a"
-    return f"{ratio:.2f}x" if kind == "=" else f"{kind} {ratio:.2f}x"
-
-
-def fmt_steps(s: StepStats) -> str:
-    """'1500 +- 100 (3/3)'; '> 3000 (0/3)' when no seed reached it (3000 = the censored mean)."""
-    if s.reached == 0:
-        return f"> {s.censored_mean:.0f} (0/{s.n})"
-    std = "" if s.std is None else f" +- {s.std:.0f}"
-    return f"{s.mean:.0f}{std} ({s.reached}/{s.n})"
-
-
-def fmt_acc(acc: AccStats, runs: int) -> str:
-    if acc.mean is None:
-        return f"n/a (0/{runs} finite)"
-    std = "" if acc.std is None else f" +- {acc.std:.4f}"
-    extra = f" ({acc.n}/{runs} finite)" if acc.n < runs else ""
-    return f"{acc.mean:.4f}{std}{extra}"
-
-
-# ----------------------------------------------------------------------------- report.md sections
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def _header_lines(stats: SweepStats, sweep_dir: Path, study: Study | None = None) -> list[str]:
-    c = stats.counts
-    lines = [f"# Sweep report: {stats.experiment}", "", f"Sweep dir: `{sweep_dir}`", "",
-             f"- Runs with summary.json: {c.runs} ({c.completed} completed, {c.diverged} diverged, "
-             f"{c.interrupted} interrupted).",
-             f"- Run dirs without summary.json (not counted below): {len(c.without_summary)}"
-             + "".join(f"\n  - `{p}`" for p in c.without_summary),
-             f"- Budget (train.steps): {', '.join(map(str, stats.budgets))}; test accuracy evaluated every "
-             f"{', '.join(map(str, stats.eval_every))} steps."]
-    if study is not None:
-        lines.append(f"- Study: {study.name}, runs split by `{study.key}` "
-                     f"({', '.join(v.label for v in study.values)}); nothing is pooled across its values.")
-        if study.pooled_keys:
-            lines.append(f"- Warning: other config keys differ too and are pooled within each ({study.key}, norm, "
-                         f"lr): {', '.join(study.pooled_keys)}.")
-    elif stats.varying_keys:
-        lines.append(f"- Warning: config keys other than norm, optim.lr and seed differ between runs and are "
-                     f"pooled within each (norm, lr): {', '.join(stats.varying_keys)}.")
-    return lines + [""]
-
-
-def _group_lines(stats: SweepStats) -> list[str]:
-    ts = stats.thresholds
-    header = ["norm", "lr", "runs", "diverged", "interrupted"] + [f"steps to {t * 100:g}%" for t in ts] + ["final test acc"]
-    rows = [[g.norm, fmt_lr(g.lr), str(g.runs), str(g.diverged), str(g.interrupted)]
-            + [fmt_steps(g.steps_to[t]) for t in ts] + [fmt_acc(g.final_test_acc, g.runs)]
-            for g in stats.groups]
-    intro = ("Steps to a test accuracy: mean +- sample std (ddof=1) over the seeds that reached it, then "
-             "(k/n seeds reached); n counts every run, diverged and interrupted included. '> B (0/n)': no seed "
-             "reached it; B is the mean over seeds of the budget (steps_done for an interrupted run). "
-             "Final test acc: mean +- std over runs with a finite value.")
-    return ["## Per (norm, lr)", "", intro, "", *_table(header, rows), ""]
-
-
-def _speedup_lines(stats: SweepStats) -> list[str]:
-    t, sp = stats.target, stats.speedup
-    intro = (f"Speed-up = (mean steps for none to reach test acc >= {t:g}) / (mean steps for the variant), "
-             "means over seeds. A seed that never reached the target counts at its budget (steps_done if "
-             "interrupted), which makes that mean a bound: '> x' is a lower bound (none missed the target), "
-             "'< x' an upper bound (the variant missed it), 'n/a' when both missed it.")
-    lines = [f"## Speed-up over none (target {t:g})", "", intro, ""]
-    if sp.none_best_lr is None:
-        return lines + ["No `none` runs in this sweep: no speed-up to compute.", ""]
-    steps = {(g.norm, g.lr): fmt_steps(g.steps_to[t]) for g in stats.groups}
-    rows = [[s.norm, fmt_lr(s.lr), steps[("none", s.lr)], steps[(s.norm, s.lr)], fmt_ratio(s.ratio, s.kind)]
-            for s in sp.by_lr]
-    lines += ["At each lr:", "", *_table(["norm", "lr", "none steps", "its steps", "speed-up"], rows), ""]
-    rows = [["none", fmt_lr(sp.none_best_lr), steps[("none", sp.none_best_lr)], "1 (reference)"]]
-    rows += [[b.norm, fmt_lr(b.lr), steps[(b.norm, b.lr)], fmt_ratio(b.ratio, b.kind)] for b in sp.best]
-    lines += ["At each variant's own best lr (most seeds reaching the target, then fewest mean steps):", "",
-              *_table(["norm", "best lr", "steps", "speed-up over none at its best lr"], rows), ""]
-    return lines
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def _agreement_lines(ag: Agreement) -> list[str]:
-    lines = ["## custom vs native agreement", ""]
-    if ag.pairs == 0:
-        return lines + ["No (lr, seed) has both a custom and a native run.", ""]
-    pair = lambda p: "" if p is None else f" (lr {fmt_lr(p[0])}, seed {p[1]})"
-    acc = "n/a" if ag.max_acc_diff is None else f"{ag.max_acc_diff:.4g}{pair(ag.max_acc_pair)}"
-    loss = "n/a" if ag.max_loss_diff is None else f"{ag.max_loss_diff:.3g}{pair(ag.max_loss_pair)}"
-    rows = [[fmt_lr(r.lr), str(r.pairs), _fmt(r.max_acc_diff, ".4g"), _fmt(r.max_step1_diff, ".3g"),
-             _fmt(r.max_loss_diff, ".3g")] for r in ag.by_lr]
-    table = _table(["lr", "pairs", "max |diff| final test acc", "max |diff| loss at step 1",
-                    f"max |diff| first {N_LOSS_COMPARE} losses"], rows)
-    return lines + [f"- Matching (lr, seed) pairs: {ag.pairs}",
-                    f"- Max |diff| of final test accuracy over {ag.acc_pairs} pairs: {acc}",
-                    f"- Max |diff| of the first {N_LOSS_COMPARE} train/loss values over {ag.loss_pairs} "
-                    f"pairs: {loss}", "", *table, ""]
 
 
 # ----------------------------------------------------------------------------- the conclusion
@@ -262,8 +157,8 @@ def _agreement_sentence(ag: Agreement) -> str:
         return f"custom and native share {ag.pairs} (lr, seed) pairs but no finite accuracy or loss to compare."
     verdict = "custom matches native" if ag.matches else "custom does NOT match native"
     text = (f"{verdict}: over {ag.pairs} (lr, seed) pairs the final test accuracy differs by at most "
-            f"{_fmt(ag.max_acc_diff, '.4g')} (allowed {AGREE_ACC_TOL}) and the first training loss by at most "
-            f"{_fmt(ag.max_step1_diff, '.3g')} (allowed {AGREE_LOSS_TOL:g}).")
+            f"{fmt_or_na(ag.max_acc_diff, '.4g')} (allowed {AGREE_ACC_TOL}) and the first training loss by at most "
+            f"{fmt_or_na(ag.max_step1_diff, '.3g')} (allowed {AGREE_LOSS_TOL:g}).")
     compared = [r for r in ag.by_lr if r.max_loss_diff is not None]
     close = [r for r in compared if r.max_loss_diff <= AGREE_LOSS_TOL]
     drift = [r for r in compared if r.max_loss_diff > AGREE_LOSS_TOL]
@@ -278,64 +173,7 @@ def _agreement_sentence(ag: Agreement) -> str:
     return text
 
 
-# ----------------------------------------------------------------------------- the why studies
-
-def _pm(mean_std: tuple[float | None, float | None], spec: str) -> str:
-    """'0.123 +- 0.004', '0.123' for one value, 'n/a' for none."""
-    mean, std = mean_std
-    if mean is None:
-        return "n/a"
-    return format(mean, spec) + ("" if std is None else f" +- {format(std, spec.lstrip('+'))}")
-
-
-def _study_lines(study: Study) -> list[str]:
-    """The study's table per value, BN's advantage per value, the train/eval gap, and what they say."""
-    column = STUDY_COLUMN.get(study.name, study.key)
-    first = study.values[0].stats
-    t, ts = first.target, first.thresholds
-    header = [column, "norm", "lr", "runs", "diverged"] + [f"steps to {x * 100:g}%" for x in ts] + ["final test acc"]
-    rows = [[v.label, g.norm, fmt_lr(g.lr), str(g.runs), str(g.diverged)]
-            + [fmt_steps(g.steps_to[x]) for x in ts] + [fmt_acc(g.final_test_acc, g.runs)]
-            for v in study.values for g in v.stats.groups]
-    lines = [f"## Study: {study.name} (`{study.key}`)", "",
-             f"Per {column}, norm and lr over seeds; steps and accuracies as in the convergence report "
-             "(mean +- sample std over the seeds that reached it, (k/n) how many did).", "", *_table(header, rows), ""]
-    lines += _advantage_lines(study, column, t)
-    if study.gaps:
-        lines += _gap_lines(study, column)
-    return lines + ["### What the study says", "", study_conclusion(study), ""]
-
-
-def _advantage_lines(study: Study, column: str, target: float) -> list[str]:
-    header = [column, "norm", "best lr", f"steps to {target:g}", "speed-up over none at their best lrs",
-              "speed-up at each shared lr"]
-    rows = []
-    for v in study.values:
-        sp = v.stats.speedup
-        by_lr = {}
-        for s in sp.by_lr:
-            by_lr.setdefault(s.norm, []).append(f"{fmt_lr(s.lr)}: {fmt_ratio(s.ratio, s.kind)}")
-        for norm in dict.fromkeys(g.norm for g in v.stats.groups):
-            g = best_group(v.stats.groups, norm, target)
-            best = next((b for b in sp.best if b.norm == norm), None)
-            ratio = "1 (reference)" if norm == "none" else ("n/a" if best is None else fmt_ratio(best.ratio, best.kind))
-            rows.append([v.label, norm, fmt_lr(g.lr), fmt_steps(g.steps_to[target]), ratio,
-                         "; ".join(by_lr.get(norm, [])) or "-"])
-    intro = (f"BN's advantage per {column}: each norm at its own best lr (most seeds reaching test accuracy "
-             f"{target:g}, then fewest mean steps), and the speed-up over none at every lr both ran "
-             "('>' lower bound: none missed the target; '<' upper bound: the variant missed it).")
-    return [f"### Speed-up over none per {column} (target {target:g})", "", intro, "", *_table(header, rows), ""]
-
-
-def _gap_lines(study: Study, column: str) -> list[str]:
-    header = [column, "norm", "lr", "runs", "final test acc, eval mode", "training mode", "gap (train - eval)"]
-    rows = [[g.label, g.norm, fmt_lr(g.lr), str(g.n), _pm(g.eval_acc, ".4f"), _pm(g.train_acc, ".4f"),
-             _pm(g.gap, "+.4f")] for g in study.gaps]
-    intro = ("Test accuracy in eval mode (running statistics, what `test/acc` reports) and in training mode "
-             "(`test/acc_train_mode`: the test set in consecutive batches of train.batch_size, each normalized "
-             "by its own statistics), mean +- std over seeds; the gap is taken per run.")
-    return ["### Training-mode vs eval-mode accuracy", "", intro, "", *_table(header, rows), ""]
-
+# ----------------------------------------------------------------------------- the why studies' conclusions
 
 def study_conclusion(study: Study) -> str:
     """BN's best-lr speed-up per study value, and where the train/eval gap is largest, from the numbers."""
@@ -370,34 +208,9 @@ def study_conclusion(study: Study) -> str:
         if mine:
             worst = max(mine, key=lambda g: abs(g.gap[0]))
             sentences.append(f"The train/eval gap of {norm} is largest at {column} {worst.label}: "
-                             f"{_pm(worst.gap, '+.4f')} (eval mode {_pm(worst.eval_acc, '.4f')}, "
-                             f"training mode {_pm(worst.train_acc, '.4f')}).")
+                             f"{fmt_mean_std(worst.gap, '+.4f')} (eval mode {fmt_mean_std(worst.eval_acc, '.4f')}, "
+                             f"training mode {fmt_mean_std(worst.train_acc, '.4f')}).")
     return " ".join(sentences)
-
-
-PROBE_INTRO = (
-    "Per run, each quantity is averaged over its probe steps (non-finite values left out); shown is the mean +- "
-    "std of those averages over seeds. Landscape (Santurkar et al. 2018, §3.1): at each probe step, along the "
-    "gradient g at the step's batch, for eta = lr x probe.multiples: loss range = max - min of L(w - eta g); "
-    "grad change = max ||g - grad L(w - eta g)||; beta = max of that over ||eta g||. Smaller = smoother. "
-    "ICS (Santurkar Def. 2.1): G = a layer's weight gradient, G' the same after the layers below it took "
-    "this step's update; ||G - G'|| (its scale follows the gradient's) and cos(G, G') (1 = no shift).")
-
-
-def _probe_lines(rows: list[ProbeRow], quantities: list[str], study: Study | None) -> list[str]:
-    lead = [] if study is None else [STUDY_COLUMN.get(study.name, study.key)]
-    landscape = [q for q in quantities if not q.startswith("ics/")]
-    ics = [q for q in quantities if q.startswith("ics/")]
-    table = lambda qs, names: _table(
-        lead + ["norm", "lr", "runs"] + names,
-        [([r.label] if lead else []) + [r.norm, fmt_lr(r.lr), str(r.runs)] + [_pm(r.values[q], ".3g") for q in qs]
-         for r in rows])
-    lines = ["## Why: loss landscape and internal covariate shift", "", PROBE_INTRO, "",
-             "### Landscape", "", *table(landscape, landscape), ""]
-    if ics:
-        lines += ["### Internal covariate shift per layer", "",
-                  *table(ics, [q.removeprefix("ics/") for q in ics]), ""]
-    return lines + ["### What the probes say", "", probe_conclusion(rows, quantities), ""]
 
 
 def _mean_over_layers(row: ProbeRow, metric: str) -> float | None:

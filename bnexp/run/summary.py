@@ -8,11 +8,11 @@ The contract (docs/design.md#summaryjson): status is decided by `run_status` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, get_args
 
-THRESHOLDS = ("0.90", "0.95", "0.97", "0.98")  # the keys of steps_to_test_acc
-STATUSES = ("completed", "diverged", "interrupted")
+STEPS_TO_TEST_ACC_KEYS = ("0.90", "0.95", "0.97", "0.98")  # the keys of steps_to_test_acc: test accuracies, as written
 Status = Literal["completed", "diverged", "interrupted"]
+STATUSES: tuple[Status, ...] = get_args(Status)  # every value of status, in this order
 
 
 class Final(TypedDict, total=False):
@@ -30,7 +30,7 @@ class Summary(TypedDict):
     steps_done: int
     diverged_at_step: int | None
     final: Final
-    steps_to_test_acc: dict[str, int | None]
+    steps_to_test_acc: dict[str, int | None]  # keyed by STEPS_TO_TEST_ACC_KEYS
     wall_s: float
     train_steps_per_s: float | None
     config: dict[str, Any]  # the flattened config
@@ -53,7 +53,7 @@ class Progress:
 def steps_to_test_acc(evals: list[dict]) -> dict[str, int | None]:
     """For each threshold, the first evaluated step whose test accuracy reached it, else None."""
     reached: dict[str, int | None] = {}
-    for t in THRESHOLDS:
+    for t in STEPS_TO_TEST_ACC_KEYS:
         hits = [e["step"] for e in evals if e["test/acc"] >= float(t)]
         reached[t] = min(hits) if hits else None
     return reached

@@ -1,0 +1,217 @@
+"""report.md's tables: the report's numbers as text, one function per section of tables.
+
+`bnexp.report.write` puts these sections in order and adds the conclusions written from the numbers:
+
+- the header (run counts, budgets, pooled config keys);
+- per (norm, lr): steps to 90/95/97% test accuracy (bnexp.report.stats.TABLE_TARGETS) and to the target
+  (mean +- std, k/n seeds), final test acc;
+- the speed-up over none, at each lr and at each variant's best lr; custom vs native agreement;
+- a study sweep's tables per study value, BN's advantage per value, the train/eval gap;
+- the landscape and ICS numbers per variant (runs with probes).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bnexp.report.stats import N_LOSS_COMPARE, AccStats, Agreement, StepStats, SweepStats, best_group
+from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study
+
+
+# ----------------------------------------------------------------------------- numbers as text
+
+def fmt_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def fmt_ratio(ratio: float | None, kind: str) -> str:
+    """'2.50x', '> 2.00x' (lower bound), '< 0.50x' (upper bound) or 'n/a'."""
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.2f}x" if kind == "=" else f"{kind} {ratio:.2f}x"
+
+
+def fmt_steps(s: StepStats) -> str:
+    """'1500 +- 100 (3/3)'; '> 3000 (0/3)' when no seed reached it (3000 = the censored mean)."""
+    if s.reached == 0:
+        return f"> {s.censored_mean:.0f} (0/{s.n})"
+    std = "" if s.std is None else f" +- {s.std:.0f}"
+    return f"{s.mean:.0f}{std} ({s.reached}/{s.n})"
+
+
+def fmt_acc(acc: AccStats, runs: int) -> str:
+    if acc.mean is None:
+        return f"n/a (0/{runs} finite)"
+    std = "" if acc.std is None else f" +- {acc.std:.4f}"
+    extra = f" ({acc.n}/{runs} finite)" if acc.n < runs else ""
+    return f"{acc.mean:.4f}{std}{extra}"
+
+
+def fmt_or_na(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def fmt_mean_std(mean_std: tuple[float | None, float | None], spec: str) -> str:
+    """'0.123 +- 0.004', '0.123' for one value, 'n/a' for none."""
+    mean, std = mean_std
+    if mean is None:
+        return "n/a"
+    return format(mean, spec) + ("" if std is None else f" +- {format(std, spec.lstrip('+'))}")
+
+
+# ----------------------------------------------------------------------------- the convergence sections
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def header_lines(stats: SweepStats, sweep_dir: Path, study: Study | None = None) -> list[str]:
+    """The title and what the sweep holds: run counts by status, dirs without summary.json, budgets, pooled keys."""
+    c = stats.counts
+    lines = [f"# Sweep report: {stats.experiment}", "", f"Sweep dir: `{sweep_dir}`", "",
+             f"- Runs with summary.json: {c.runs} ({c.completed} completed, {c.diverged} diverged, "
+             f"{c.interrupted} interrupted).",
+             f"- Run dirs without summary.json (not counted below): {len(c.without_summary)}"
+             + "".join(f"\n  - `{p}`" for p in c.without_summary),
+             f"- Budget (train.steps): {', '.join(map(str, stats.budgets))}; test accuracy evaluated every "
+             f"{', '.join(map(str, stats.eval_every))} steps."]
+    if study is not None:
+        lines.append(f"- Study: {study.name}, runs split by `{study.key}` "
+                     f"({', '.join(v.label for v in study.values)}); nothing is pooled across its values.")
+        if study.pooled_keys:
+            lines.append(f"- Warning: other config keys differ too and are pooled within each ({study.key}, norm, "
+                         f"lr): {', '.join(study.pooled_keys)}.")
+    elif stats.varying_keys:
+        lines.append(f"- Warning: config keys other than norm, optim.lr and seed differ between runs and are "
+                     f"pooled within each (norm, lr): {', '.join(stats.varying_keys)}.")
+    return lines + [""]
+
+
+def group_lines(stats: SweepStats) -> list[str]:
+    """Per (norm, lr): status counts, steps to each of `stats.thresholds`, final test accuracy."""
+    ts = stats.thresholds
+    header = ["norm", "lr", "runs", "diverged", "interrupted"] + [f"steps to {t * 100:g}%" for t in ts] + ["final test acc"]
+    rows = [[g.norm, fmt_lr(g.lr), str(g.runs), str(g.diverged), str(g.interrupted)]
+            + [fmt_steps(g.steps_to[t]) for t in ts] + [fmt_acc(g.final_test_acc, g.runs)]
+            for g in stats.groups]
+    intro = ("Steps to a test accuracy: mean +- sample std (ddof=1) over the seeds that reached it, then "
+             "(k/n seeds reached); n counts every run, diverged and interrupted included. '> B (0/n)': no seed "
+             "reached it; B is the mean over seeds of the budget (steps_done for an interrupted run). "
+             "Final test acc: mean +- std over runs with a finite value.")
+    return ["## Per (norm, lr)", "", intro, "", *_table(header, rows), ""]
+
+
+def speedup_lines(stats: SweepStats) -> list[str]:
+    """The speed-up over none at the target: at each shared lr, and at each variant's own best lr."""
+    t, sp = stats.target, stats.speedup
+    intro = (f"Speed-up = (mean steps for none to reach test acc >= {t:g}) / (mean steps for the variant), "
+             "means over seeds. A seed that never reached the target counts at its budget (steps_done if "
+             "interrupted), which makes that mean a bound: '> x' is a lower bound (none missed the target), "
+             "'< x' an upper bound (the variant missed it), 'n/a' when both missed it.")
+    lines = [f"## Speed-up over none (target {t:g})", "", intro, ""]
+    if sp.none_best_lr is None:
+        return lines + ["No `none` runs in this sweep: no speed-up to compute.", ""]
+    steps = {(g.norm, g.lr): fmt_steps(g.steps_to[t]) for g in stats.groups}
+    rows = [[s.norm, fmt_lr(s.lr), steps[("none", s.lr)], steps[(s.norm, s.lr)], fmt_ratio(s.ratio, s.kind)]
+            for s in sp.by_lr]
+    lines += ["At each lr:", "", *_table(["norm", "lr", "none steps", "its steps", "speed-up"], rows), ""]
+    rows = [["none", fmt_lr(sp.none_best_lr), steps[("none", sp.none_best_lr)], "1 (reference)"]]
+    rows += [[b.norm, fmt_lr(b.lr), steps[(b.norm, b.lr)], fmt_ratio(b.ratio, b.kind)] for b in sp.best]
+    lines += ["At each variant's own best lr (most seeds reaching the target, then fewest mean steps):", "",
+              *_table(["norm", "best lr", "steps", "speed-up over none at its best lr"], rows), ""]
+    return lines
+
+
+def agreement_lines(ag: Agreement) -> list[str]:
+    """custom vs native: the largest differences over their shared (lr, seed) pairs, overall and per lr."""
+    lines = ["## custom vs native agreement", ""]
+    if ag.pairs == 0:
+        return lines + ["No (lr, seed) has both a custom and a native run.", ""]
+    pair = lambda p: "" if p is None else f" (lr {fmt_lr(p[0])}, seed {p[1]})"
+    acc = "n/a" if ag.max_acc_diff is None else f"{ag.max_acc_diff:.4g}{pair(ag.max_acc_pair)}"
+    loss = "n/a" if ag.max_loss_diff is None else f"{ag.max_loss_diff:.3g}{pair(ag.max_loss_pair)}"
+    rows = [[fmt_lr(r.lr), str(r.pairs), fmt_or_na(r.max_acc_diff, ".4g"), fmt_or_na(r.max_step1_diff, ".3g"),
+             fmt_or_na(r.max_loss_diff, ".3g")] for r in ag.by_lr]
+    table = _table(["lr", "pairs", "max |diff| final test acc", "max |diff| loss at step 1",
+                    f"max |diff| first {N_LOSS_COMPARE} losses"], rows)
+    return lines + [f"- Matching (lr, seed) pairs: {ag.pairs}",
+                    f"- Max |diff| of final test accuracy over {ag.acc_pairs} pairs: {acc}",
+                    f"- Max |diff| of the first {N_LOSS_COMPARE} train/loss values over {ag.loss_pairs} "
+                    f"pairs: {loss}", "", *table, ""]
+
+
+# ----------------------------------------------------------------------------- the why studies' sections
+
+def study_lines(study: Study) -> list[str]:
+    """The study's table per value, BN's advantage per value and the train/eval gap."""
+    column = STUDY_COLUMN.get(study.name, study.key)
+    first = study.values[0].stats
+    t, ts = first.target, first.thresholds
+    header = [column, "norm", "lr", "runs", "diverged"] + [f"steps to {x * 100:g}%" for x in ts] + ["final test acc"]
+    rows = [[v.label, g.norm, fmt_lr(g.lr), str(g.runs), str(g.diverged)]
+            + [fmt_steps(g.steps_to[x]) for x in ts] + [fmt_acc(g.final_test_acc, g.runs)]
+            for v in study.values for g in v.stats.groups]
+    lines = [f"## Study: {study.name} (`{study.key}`)", "",
+             f"Per {column}, norm and lr over seeds; steps and accuracies as in the convergence report "
+             "(mean +- sample std over the seeds that reached it, (k/n) how many did).", "", *_table(header, rows), ""]
+    lines += _advantage_lines(study, column, t)
+    if study.gaps:
+        lines += _gap_lines(study, column)
+    return lines
+
+
+def _advantage_lines(study: Study, column: str, target: float) -> list[str]:
+    header = [column, "norm", "best lr", f"steps to {target:g}", "speed-up over none at their best lrs",
+              "speed-up at each shared lr"]
+    rows = []
+    for v in study.values:
+        sp = v.stats.speedup
+        by_lr = {}
+        for s in sp.by_lr:
+            by_lr.setdefault(s.norm, []).append(f"{fmt_lr(s.lr)}: {fmt_ratio(s.ratio, s.kind)}")
+        for norm in dict.fromkeys(g.norm for g in v.stats.groups):
+            g = best_group(v.stats.groups, norm, target)
+            best = next((b for b in sp.best if b.norm == norm), None)
+            ratio = "1 (reference)" if norm == "none" else ("n/a" if best is None else fmt_ratio(best.ratio, best.kind))
+            rows.append([v.label, norm, fmt_lr(g.lr), fmt_steps(g.steps_to[target]), ratio,
+                         "; ".join(by_lr.get(norm, [])) or "-"])
+    intro = (f"BN's advantage per {column}: each norm at its own best lr (most seeds reaching test accuracy "
+             f"{target:g}, then fewest mean steps), and the speed-up over none at every lr both ran "
+             "('>' lower bound: none missed the target; '<' upper bound: the variant missed it).")
+    return [f"### Speed-up over none per {column} (target {target:g})", "", intro, "", *_table(header, rows), ""]
+
+
+def _gap_lines(study: Study, column: str) -> list[str]:
+    header = [column, "norm", "lr", "runs", "final test acc, eval mode", "training mode", "gap (train - eval)"]
+    rows = [[g.label, g.norm, fmt_lr(g.lr), str(g.n), fmt_mean_std(g.eval_acc, ".4f"), fmt_mean_std(g.train_acc, ".4f"),
+             fmt_mean_std(g.gap, "+.4f")] for g in study.gaps]
+    intro = ("Test accuracy in eval mode (running statistics, what `test/acc` reports) and in training mode "
+             "(`test/acc_train_mode`: the test set in consecutive batches of train.batch_size, each normalized "
+             "by its own statistics), mean +- std over seeds; the gap is taken per run.")
+    return ["### Training-mode vs eval-mode accuracy", "", intro, "", *_table(header, rows), ""]
+
+
+PROBE_INTRO = (
+    "Per run, each quantity is averaged over its probe steps (non-finite values left out); shown is the mean +- "
+    "std of those averages over seeds. Landscape (Santurkar et al. 2018, §3.1): at each probe step, along the "
+    "gradient g at the step's batch, for eta = lr x probe.multiples: loss range = max - min of L(w - eta g); "
+    "grad change = max ||g - grad L(w - eta g)||; beta = max of that over ||eta g||. Smaller = smoother. "
+    "ICS (Santurkar Def. 2.1): G = a layer's weight gradient, G' the same after the layers below it took "
+    "this step's update; ||G - G'|| (its scale follows the gradient's) and cos(G, G') (1 = no shift).")
+
+
+def probe_lines(rows: list[ProbeRow], quantities: list[str], study: Study | None) -> list[str]:
+    """The landscape table and the ICS table per layer (per study value too in a study sweep)."""
+    lead = [] if study is None else [STUDY_COLUMN.get(study.name, study.key)]
+    landscape = [q for q in quantities if not q.startswith("ics/")]
+    ics = [q for q in quantities if q.startswith("ics/")]
+    table = lambda qs, names: _table(
+        lead + ["norm", "lr", "runs"] + names,
+        [([r.label] if lead else []) + [r.norm, fmt_lr(r.lr), str(r.runs)]
+         + [fmt_mean_std(r.values[q], ".3g") for q in qs] for r in rows])
+    lines = ["## Why: loss landscape and internal covariate shift", "", PROBE_INTRO, "",
+             "### Landscape", "", *table(landscape, landscape), ""]
+    if ics:
+        lines += ["### Internal covariate shift per layer", "",
+                  *table(ics, [q.removeprefix("ics/") for q in ics]), ""]
+    return lines
