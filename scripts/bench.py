@@ -60,7 +60,7 @@ from bnexp.layers import BatchNorm1d
 from bnexp.nn.batch_renorm import BatchRenorm1d
 from bnexp.nn.group_norm import GroupNorm
 from bnexp.nn.layer_norm import LayerNorm
-from bnexp.nn.norm_common import autograd_forward
+from bnexp.nn.norm_autograd import autograd_forward
 from bnexp.run.runtime import available_cores, wait_policy
 
 LAYER_SHAPES = [(60, 100), (256, 100), (1024, 512), (4096, 1024)]  # (batch, features)

@@ -21,7 +21,7 @@ from bnexp.nn import layer_norm as layer_norm_module, norm_common
 from bnexp.nn.batch_renorm import BatchRenorm1d, batch_renorm, renorm_limits
 from bnexp.nn.group_norm import GroupNorm, group_norm
 from bnexp.nn.layer_norm import LayerNorm, layer_norm
-from bnexp.nn.norm_common import autograd_forward
+from bnexp.nn.norm_autograd import autograd_forward
 
 NORM_MODULES = [layer_norm_module, group_norm_module, batch_renorm_module, norm_common]
 
@@ -611,8 +611,8 @@ def test_analytic_backward_equals_plain_autograd(name):
 @pytest.mark.parametrize("module", NORM_MODULES, ids=lambda module: module.__name__)
 def test_normalization_modules_are_leaves(module):
     """The normalizations' modules import torch and each other only: bnexp.layers imports them, not the
-    reverse. At module level, norm_common imports nothing from bnexp and the layers only norm_common
-    (autograd_forward imports the layer modules when called)."""
+    reverse. norm_common imports nothing from bnexp and the layers only norm_common (their autograd
+    reference, bnexp/nn/norm_autograd.py, imports the layers, not the reverse)."""
     import ast
 
     def bnexp_imports(nodes):

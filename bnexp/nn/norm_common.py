@@ -10,16 +10,13 @@ normalize sets of m values with the same formulas, written once here:
     dx      = (g - sum(g) / m - x_hat * sum(g * x_hat) / m) / sqrt(var + eps)   # _set_backward
               (g = weight * dy, the sums over the set)
 
-Also here: ``_as_int``, torch's reading of an int argument (for the layers' argument checks);
-``autograd_forward``, which runs a layer's forward formulas under plain autograd instead of
-its analytic backward: the analytic backward is kept because it is faster than that at the
-harness's 60 x 100 batches for all three (scripts/bench.py --sections norms prints both);
+Also here: ``_as_int``, torch's reading of an int argument (for the layers' argument checks),
 and the "speed" section, the one per-call trick kept (``_constants``).
 
 The layers are in bnexp/nn/layer_norm.py, group_norm.py and batch_renorm.py, which import
 this module; users import them from bnexp.layers, which re-exports them. This module imports
-torch only at module level: ``autograd_forward`` imports the three layer modules when it is
-called, and nothing here imports bnexp.layers (that would be a circle).
+torch only. Their plain-autograd reference (the analytic backwards are kept because they are
+faster: scripts/bench.py --sections norms prints both) is bnexp/nn/norm_autograd.py.
 """
 
 from __future__ import annotations
@@ -64,39 +61,6 @@ def _as_int(value) -> int | None:
 
 
 # ----------------------------------------------------------------------------- plain autograd
-
-
-def autograd_forward(layer: nn.Module, input: Tensor) -> Tensor:
-    """``layer(input)`` for a LayerNorm, GroupNorm or BatchRenorm1d, with plain autograd instead
-    of the layer's analytic backward: the same forward formulas and state changes, recorded op
-    by op. What the analytic backward is measured against (scripts/bench.py) and checked
-    against (tests/test_normalizations.py); argument checks are the layers' own.
-    """
-    # at call time: the layer modules import this one
-    from bnexp.nn.batch_renorm import BatchRenorm1d, _batch_renorm_rows, _on_rows, check_batch_renorm_args
-    from bnexp.nn.group_norm import (GroupNorm, _group_norm_positions, check_group_norm_args,
-                                     group_norm_forward_formulas)
-    from bnexp.nn.layer_norm import (LayerNorm, _layer_norm_rows, check_layer_norm_args,
-                                     layer_norm_forward_formulas)
-
-    if isinstance(layer, LayerNorm):
-        check_layer_norm_args(input, layer.normalized_shape, layer.weight, layer.bias)
-        rows, weight, bias, d, eps = _layer_norm_rows(input, layer.weight, layer.bias,
-                                                      len(layer.normalized_shape), layer.eps)
-        return layer_norm_forward_formulas(rows, weight, bias, d, eps)[0].view(input.shape)
-    if isinstance(layer, GroupNorm):
-        check_group_norm_args(input, layer.num_groups, layer.weight, layer.bias)
-        x, m, eps = _group_norm_positions(input, layer.num_groups, layer.eps)
-        return group_norm_forward_formulas(x, layer.num_groups, layer.weight, layer.bias, m, eps)[0].view(input.shape)
-    if isinstance(layer, BatchRenorm1d):
-        layer._check_input_dim(input)
-        momentum, r_max, d_max = layer._count_batch()
-        weight, bias, training = layer.weight, layer.bias, layer.training
-        mean, var = layer.running_mean, layer.running_var
-        check_batch_renorm_args(input, mean, var, weight, bias, training, momentum, layer.eps, r_max, d_max)
-        return _on_rows(lambda rows: _batch_renorm_rows(rows, weight, bias, mean, var, training, momentum,
-                                                        layer.eps, r_max, d_max)[0], input)
-    raise TypeError(f"autograd_forward takes a LayerNorm, GroupNorm or BatchRenorm1d, not {type(layer).__name__}")
 
 
 # ----------------------------------------------------------------------------- speed
