@@ -78,6 +78,7 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 1
     checkpoint_every: int = 1000
+    test_every: int = 0  # 0: the test set once, at the end; k: also every k steps (a multiple of eval_every)
     resume: str = "auto"
     tensorboard: bool = True
 
@@ -164,6 +165,8 @@ def validate(cfg: Config) -> None:
                  f"a divisor of every hidden width (model.widths={m.widths})")
     for key in ("eval_every", "log_every", "checkpoint_every"):
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
+    _require(t.test_every >= 0 and t.test_every % t.eval_every == 0, "train.test_every", t.test_every,
+             f"0 (the test set only at the end) or a multiple of train.eval_every={t.eval_every}")
     _require(t.resume in RESUME_MODES, "train.resume", t.resume, f"one of {', '.join(RESUME_MODES)}")
     _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
     _require(cfg.threads == "auto" or (str(cfg.threads).isdigit() and int(cfg.threads) >= 1),

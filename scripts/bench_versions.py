@@ -1,7 +1,8 @@
 """This checkout against another version of bnexp, side by side on one machine.
 
     python scripts/bench_versions.py --against f1b5ace                       # default: solo runs, 3 repeats
-    python scripts/bench_versions.py --against f1b5ace --what solo sweep     # + experiment=convergence batched
+    python scripts/bench_versions.py --against f1b5ace --what solo batched   # + experiment=convergence, batched
+    python scripts/bench_versions.py --against HEAD~3 --what joblib batched  # the convergence sweep both ways
     python scripts/bench_versions.py --against HEAD~1 --repeats 1 --quick    # seconds: a smoke test
 
 A change that restructures the training loop must not make it slower; this measures that as a
@@ -14,8 +15,9 @@ in the machine's speed hits both alike; the table gives medians and the new / ol
     solo    a default run (`python scripts/train.py`, norm=custom) and the same with norm=native:
             train_steps_per_s from summary.json (training steps over the seconds spent in them);
             also custom / native within each version
-    sweep   `python scripts/train.py -m experiment=convergence hydra/launcher=batched`: wall time
+    batched `python scripts/train.py -m experiment=convergence hydra/launcher=batched`: wall time
             from start to exit, as scripts/bench.py --sections sweep measures it
+    joblib  the same sweep with hydra/launcher=joblib (one process per core, each a solo run)
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ def solo(tree: Path, norm: str, quick: bool) -> float:
     return json.loads((out / "summary.json").read_text())["train_steps_per_s"]
 
 
-def sweep(tree: Path, quick: bool) -> float:
+def sweep(tree: Path, launcher: str, quick: bool) -> float:
     extra = ["train.steps=200", "train.eval_every=100", "train.checkpoint_every=200", "seed=0,1"] if quick else []
-    wall, _, _ = train(tree, ["experiment=convergence", "hydra/launcher=batched", *extra], multirun=True)
+    wall, _, _ = train(tree, ["experiment=convergence", f"hydra/launcher={launcher}", *extra], multirun=True)
     return wall
 
 
@@ -86,43 +88,48 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", required=True, help="the other version: a git revision of this repository")
-    parser.add_argument("--what", nargs="+", choices=["solo", "sweep"], default=["solo"])
+    parser.add_argument("--this", help="measure this revision instead of the working tree (both exported)")
+    parser.add_argument("--what", nargs="+", choices=["solo", "batched", "joblib"], default=["solo"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of this script")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats={args.repeats} is not allowed: an integer >= 1")
-    with tempfile.TemporaryDirectory(prefix="bnexp_old_") as tmp:
-        trees = {"old": export(args.against, Path(tmp)), "new": ROOT}
+    with tempfile.TemporaryDirectory(prefix="bnexp_old_") as tmp, \
+            tempfile.TemporaryDirectory(prefix="bnexp_new_") as tmp_new:
+        trees = {"old": export(args.against, Path(tmp)),
+                 "new": ROOT if args.this is None else export(args.this, Path(tmp_new))}
         packages = {name: which_package(tree) for name, tree in trees.items()}
         for name, tree in trees.items():
             if not packages[name].startswith(str(tree)):
                 raise SystemExit(f"error: the {name} version imports bnexp from {packages[name]}, not from {tree}")
-        keys = [f"{what} {norm}" for what in args.what for norm in (("custom", "native") if what == "solo" else ("",))]
+        keys = [f"{what} {norm}" for what in args.what
+                for norm in (("custom", "native") if what == "solo" else ("sweep",))]
         values: dict[str, dict[str, list[float]]] = {k: {"old": [], "new": []} for k in keys}
         for repeat in range(args.repeats):
             order = ("old", "new") if repeat % 2 == 0 else ("new", "old")
             for key in keys:
                 what, norm = key.split(" ")
                 for name in order:
-                    value = solo(trees[name], norm, args.quick) if what == "solo" else sweep(trees[name], args.quick)
+                    value = solo(trees[name], norm, args.quick) if what == "solo" else sweep(trees[name], what, args.quick)
                     values[key][name].append(value)
                     print(f"{key} {name} (repeat {repeat + 1}): {value:.1f}", file=sys.stderr, flush=True)
     rows = []
     for key, by in values.items():
         old, new = statistics.median(by["old"]), statistics.median(by["new"])
-        unit = "steps/s" if key.startswith("solo") else "s"
+        unit = "steps/s" if key.startswith("solo") else "s"  # a sweep: wall seconds
         # a ratio >= 1 means the new version is at least as fast
         ratio = new / old if unit == "steps/s" else old / new
-        rows.append({"what": key.strip(), "unit": unit, "old": round(old, 1), "new": round(new, 1),
+        rows.append({"what": key, "unit": unit, "old": round(old, 1), "new": round(new, 1),
                      "speed new / old": round(ratio, 3), "old repeats": by["old"], "new repeats": by["new"]})
     for name in ("old", "new"):
         if "solo custom" in values:
             c, n = statistics.median(values["solo custom"][name]), statistics.median(values["solo native"][name])
             rows.append({"what": f"custom / native, {name}", "speed new / old": round(c / n, 3)})
-    result = {"against": args.against, "head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                                              capture_output=True, text=True).stdout.strip(),
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    result = {"against": args.against, "this": args.this or f"working tree at {head}",
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "python": platform.python_version()},
               "repeats": args.repeats, "quick": args.quick, "rows": rows}

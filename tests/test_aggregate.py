@@ -20,16 +20,19 @@ EVALS = np.array([0, 10, 20])
 
 
 def make_run(sweep, norm, lr, seed, acc, loss=None, write=False):
-    """A Run with test/acc, val/acc, test/loss at EVALS and train/loss at steps 1..20."""
+    """A Run with val/acc, val/loss at EVALS, test/acc and test/loss once at the end (step 20) and
+    train/loss at steps 1..20."""
     path = sweep / f"norm={norm},optim.lr={lr:g},seed={seed}"
     path.mkdir(parents=True, exist_ok=True)
     config = {"name": "t", "norm.name": norm, "optim.lr": lr, "seed": seed, "train.steps": 20,
               "data.root": f"/machine/{seed}"}
     summary = {"status": "completed", "norm": norm, "seed": seed, "steps_done": 20, "diverged_at_step": None,
-               "final": {"test_acc": acc[-1]}, "steps_to_test_acc": {"0.95": None}, "config": config}
+               "final": {"val_acc": acc[-1], "test_acc": 0.5}, "steps_to_val_acc": {"0.95": None}, "config": config}
     loss = np.arange(1, 21, dtype=float) / 4 + seed if loss is None else loss
-    curves = {"test/acc": (EVALS, np.array(acc, dtype=float)), "val/acc": (EVALS, np.array(acc, dtype=float)),
-              "test/loss": (EVALS, 1 - np.array(acc, dtype=float)), "train/loss": (np.arange(1, 21), loss)}
+    end = EVALS[-1:]
+    curves = {"val/acc": (EVALS, np.array(acc, dtype=float)), "val/loss": (EVALS, 1 - np.array(acc, dtype=float)),
+              "test/acc": (end, np.array([0.5])), "test/loss": (end, np.array([0.5])),
+              "train/loss": (np.arange(1, 21), loss)}
     if write:
         (path / "summary.json").write_text(json.dumps(summary))
     return Run(path, summary, curves)
@@ -71,19 +74,20 @@ def test_mean_min_max_std_over_seeds_at_every_eval(runs, tmp_path):
     assert sorted(d.name for d in written) == ["norm=custom,optim.lr=0.1", "norm=custom,optim.lr=1",
                                                "norm=none,optim.lr=0.1"]
     acc = read(sweep / "aggregates" / "norm=custom,optim.lr=0.1")
-    assert values(acc, "optim.lr=0.1/test/acc/mean") == [(0, 0.5), (10, 0.75), (20, 0.875)]
-    assert values(acc, "optim.lr=0.1/test/acc/min") == [(0, 0.25), (10, 0.5), (20, 0.75)]
-    assert values(acc, "optim.lr=0.1/test/acc/max") == [(0, 0.75), (10, 1.0), (20, 1.0)]
-    std = [v for _, v in values(acc, "optim.lr=0.1/test/acc/std")]
+    assert values(acc, "optim.lr=0.1/val/acc/mean") == [(0, 0.5), (10, 0.75), (20, 0.875)]
+    assert values(acc, "optim.lr=0.1/val/acc/min") == [(0, 0.25), (10, 0.5), (20, 0.75)]
+    assert values(acc, "optim.lr=0.1/val/acc/max") == [(0, 0.75), (10, 1.0), (20, 1.0)]
+    std = [v for _, v in values(acc, "optim.lr=0.1/val/acc/std")]
     np.testing.assert_allclose(std, [0.25, 0.25, math.sqrt(0.03125)], rtol=1e-6)  # float32 storage
-    assert values(acc, "optim.lr=0.1/val/acc/mean") == values(acc, "optim.lr=0.1/test/acc/mean")
-    assert values(acc, "optim.lr=0.1/test/loss/max") == [(0, 0.75), (10, 0.5), (20, 0.25)]
+    assert values(acc, "optim.lr=0.1/val/loss/max") == [(0, 0.75), (10, 0.5), (20, 0.25)]
+    # the test set's one point per run is a number for report.md, not a curve to aggregate
+    assert not [t for t in acc.Tags()["scalars"] if "/test/" in t]
     # train/loss: per seed the mean over (0, 10] and (10, 20], i.e. 5.5/4 + seed and 15.5/4 + seed
     assert values(acc, "optim.lr=0.1/train/loss/mean") == [(10, 1.375 + 1), (20, 3.875 + 1)]
     assert values(acc, "optim.lr=0.1/train/loss/min") == [(10, 1.375), (20, 3.875)]
     one = read(sweep / "aggregates" / "norm=custom,optim.lr=1")
-    assert all(math.isnan(v) for _, v in values(one, "optim.lr=1/test/acc/std"))  # one seed: no std
-    assert acc.SummaryMetadata("optim.lr=0.1/test/acc/mean").summary_description.startswith("The mean over seeds")
+    assert all(math.isnan(v) for _, v in values(one, "optim.lr=1/val/acc/std"))  # one seed: no std
+    assert acc.SummaryMetadata("optim.lr=0.1/val/acc/mean").summary_description.startswith("The mean over seeds")
 
 
 def test_layout_puts_the_norms_of_one_lr_in_margin_charts(runs):
@@ -95,8 +99,8 @@ def test_layout_puts_the_norms_of_one_lr_in_margin_charts(runs):
     (category,) = layout.category
     assert category.title == "optim.lr=0.1: none / custom / native over seeds"
     series = [(c.title.split(":")[0], list(c.margin.series)) for c in category.chart]
-    # written last to first: TensorBoard shows them reversed, test/acc first
-    assert [title for title, _ in series] == ["train/loss per eval interval", "test/loss", "val/acc", "test/acc"]
+    # written last to first: TensorBoard shows them reversed, val/acc first
+    assert [title for title, _ in series] == ["train/loss per eval interval", "val/loss", "val/acc"]
     scalars = set(acc.Tags()["scalars"])
     for _, (s,) in series:
         assert {s.value, s.lower, s.upper} <= scalars and s.value.endswith("/mean")

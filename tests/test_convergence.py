@@ -48,9 +48,9 @@ def summary_of(sweep_dir, norm, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_batch_norm_reaches_90_percent_in_fewer_steps_than_none(sweep, seed):
-    none = summary_of(sweep, "none", seed)["steps_to_test_acc"]["0.90"]
+    none = summary_of(sweep, "none", seed)["steps_to_val_acc"]["0.90"]
     for norm in ("custom", "native"):
-        bn = summary_of(sweep, norm, seed)["steps_to_test_acc"]["0.90"]
+        bn = summary_of(sweep, norm, seed)["steps_to_val_acc"]["0.90"]
         assert bn is not None, f"{norm} seed {seed} never reached 90%"
         assert none is None or bn < none, f"{norm} seed {seed}: {bn} steps vs none {none}"
 

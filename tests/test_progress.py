@@ -63,17 +63,17 @@ def test_bar_moves_during_a_segment_on_a_terminal(tiny_mnist, tmp_path, monkeypa
     assert {0, 200} <= counts
     assert len([n for n in counts if 0 < n < 200]) >= 10, sorted(counts)
     assert "nan" not in text
-    assert re.search(r"loss=\d\.\d{4}, test_acc=\d\.\d{4}", text)
+    assert re.search(r"loss=\d\.\d{4}, val_acc=\d\.\d{4}", text)
 
 
 def test_before_the_first_measured_value_the_bar_leaves_it_out():
-    """The evaluation at step 0 knows the test accuracy but no training loss or rate yet."""
+    """The evaluation at step 0 knows the validation accuracy but no training loss or rate yet."""
     terminal = Terminal()
     bar = ProgressBar(100, 0, stream=terminal.stream)
     bar.update(0, float("nan"), 0.1, float("nan"))
     bar.close()
     text = terminal.text()
-    assert "test_acc=0.1000" in text and "loss=" not in text and "nan" not in text
+    assert "val_acc=0.1000" in text and "loss=" not in text and "nan" not in text
 
 
 def test_off_a_terminal_one_log_line_per_evaluation(tiny_mnist, tmp_path, caplog):
@@ -83,9 +83,9 @@ def test_off_a_terminal_one_log_line_per_evaluation(tiny_mnist, tmp_path, caplog
         train(cfg, tmp_path / "run", progress="auto")
     lines = [r.getMessage() for r in caplog.records if r.name == "bnexp.run.progress"]
     assert [line.split()[1] for line in lines] == ["0/60", "20/60", "40/60", "60/60"]
-    assert lines[0].startswith("step 0/60  train_loss -  test_acc 0.") and lines[0].endswith("- steps/s")
+    assert lines[0].startswith("step 0/60  train_loss -  val_acc 0.") and lines[0].endswith("- steps/s")
     assert all("nan" not in line for line in lines)
-    assert re.match(r"step 60/60  train_loss \d\.\d{4}  test_acc \d\.\d{4}  \d+ steps/s", lines[-1])
+    assert re.match(r"step 60/60  train_loss \d\.\d{4}  val_acc \d\.\d{4}  \d+ steps/s", lines[-1])
 
 
 def test_quiet_shows_nothing(tiny_mnist, tmp_path, caplog):

@@ -3,8 +3,10 @@ sweep dirs with known answers.
 
 The synthetic sweep (budget 1000 steps, eval every 100, two seeds per group) is written by
 write_run(): summary.json per the contract of docs/design.md#summaryjson plus real TensorBoard
-event files. Its test/acc curve is a step function consistent with the summary's
-steps_to_test_acc.
+event files. Its val/acc curve is a step function consistent with the summary's
+steps_to_val_acc and final.val_acc; test/acc is one point at the end (the test set's one
+evaluation, final.test_acc), none for an interrupted run. The final test accuracies differ from
+the validation ones, so a number taken from the wrong split shows.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def acc_curve(s90, s95, s97, last_step):
-    """Eval steps and a step-function test accuracy that crosses 0.90/0.95/0.97 exactly at s90/s95/s97."""
+    """Eval steps and a step-function validation accuracy that crosses 0.90/0.95/0.97 exactly at s90/s95/s97."""
     steps = np.arange(0, last_step + 1, EVAL_EVERY)
     acc = np.full(len(steps), 0.5)
     for start, value in ((s90, 0.9), (s95, 0.95), (s97, 0.97)):
@@ -41,16 +43,25 @@ def acc_curve(s90, s95, s97, last_step):
 
 
 def write_run(sweep, rel, norm, lr, seed, steps_to, final_acc, status="completed", steps_done=BUDGET,
-              name="convergence", loss_bumps=()):
-    """One synthetic run dir: summary.json + event files (test/acc, train/loss, act/layer1..3)."""
+              name="convergence", loss_bumps=(), final_val=None):
+    """One synthetic run dir: summary.json + event files (val/acc, test/acc at the end, train/loss, act/layer1..3).
+
+    final_acc is the final test accuracy (None for an interrupted run: its test set was never
+    evaluated); the final validation accuracy is final_val, else the val/acc curve's last value
+    (NaN when final_acc is NaN: a diverged run's model)."""
     run_dir = sweep / rel
     run_dir.mkdir(parents=True)
     s90, s95, s97 = steps_to
+    steps, val = acc_curve(s90, s95, s97, steps_done)
+    test_acc = None if status == "interrupted" else final_acc
+    if final_val is None:
+        final_val = math.nan if test_acc is not None and math.isnan(test_acc) else float(val[-1])
     summary = {
         "status": status, "norm": norm, "seed": seed, "steps_done": steps_done,
         "diverged_at_step": steps_done if status == "diverged" else None,
-        "final": {"train_loss": 0.1, "val_acc": final_acc, "test_acc": final_acc, "test_loss": 0.2},
-        "steps_to_test_acc": {"0.90": s90, "0.95": s95, "0.97": s97, "0.98": None},
+        "final": {"train_loss": 0.1, "val_acc": final_val, "val_loss": 0.25, "test_acc": test_acc,
+                  "test_loss": None if test_acc is None else 0.2},
+        "steps_to_val_acc": {"0.90": s90, "0.95": s95, "0.97": s97, "0.98": None},
         "wall_s": 1.0, "train_steps_per_s": 1000.0,
         "config": {"name": name, "norm.name": norm, "optim.name": "sgd", "optim.lr": lr, "seed": seed,
                    "train.steps": BUDGET, "train.batch_size": 60, "train.eval_every": EVAL_EVERY,
@@ -58,11 +69,13 @@ def write_run(sweep, rel, norm, lr, seed, steps_to, final_acc, status="completed
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))  # NaN final acc is written as NaN
     writer = SummaryWriter(str(run_dir))
-    for step, acc in zip(*acc_curve(s90, s95, s97, steps_done)):
-        writer.add_scalar("test/acc", acc, int(step))
+    for step, acc in zip(steps, val):
+        writer.add_scalar("val/acc", acc, int(step))
         for layer in (1, 2, 3):
             for q, offset in (("p15", -1.0), ("p50", 0.0), ("p85", 1.0)):
                 writer.add_scalar(f"act/layer{layer}/{q}", offset + step / 1000 * (norm == "none"), int(step))
+    if test_acc is not None:  # the test set's one evaluation, at the end
+        writer.add_scalar("test/acc", test_acc, steps_done)
     bumps = dict(loss_bumps)
     for step in range(1, min(N_LOSS, steps_done) + 1):
         # exactly representable in float32, so differences below are exact
@@ -71,7 +84,7 @@ def write_run(sweep, rel, norm, lr, seed, steps_to, final_acc, status="completed
     return run_dir
 
 
-# (norm, lr, seed) -> (steps to 0.90/0.95/0.97, final test acc, status, steps_done)
+# (norm, lr, seed) -> (steps to val acc 0.90/0.95/0.97, final test acc (an interrupted run has none), status, steps_done)
 SWEEP = {
     ("none", 0.1, 0): ((600, None, None), 0.93, "completed", BUDGET),
     ("none", 0.1, 1): ((800, None, None), 0.94, "completed", BUDGET),
@@ -128,8 +141,9 @@ def test_load_runs_finds_nested_runs_and_curves(sweep):
     nested = [r for r in runs if r.lr == 10.0]
     assert len(nested) == 4 and all(r.path.parent.name == "lr10" for r in nested)
     run = next(r for r in runs if (r.norm, r.lr, r.seed) == ("none", 10.0, 0))
-    steps, acc = run.curves["test/acc"]
+    steps, acc = run.curves["val/acc"]
     assert steps.tolist() == [0] and run.status == "diverged" and math.isnan(run.final_test_acc)
+    assert run.curves["test/acc"][0].tolist() == [50]  # the test set once, at the end
     assert run.curves["train/loss"][0].tolist() == list(range(1, 51))
 
 
@@ -170,7 +184,7 @@ def test_group_order_and_status_counts(summary):
 
 
 def test_steps_to_target_mean_std_and_reached(summary):
-    """Mean and sample std over the seeds that reached it; k/n counts every seed."""
+    """Steps to a validation accuracy: mean and sample std over the seeds that reached it; k/n counts every seed."""
     s = group(summary, "custom", 0.1).steps_to
     assert (s[0.95].mean, s[0.95].std, s[0.95].reached, s[0.95].n) == (400, pytest.approx(100 * 2**0.5), 2, 2)
     assert (s[0.97].mean, s[0.97].std, s[0.97].reached) == (700, None, 1)
@@ -182,11 +196,17 @@ def test_steps_to_target_mean_std_and_reached(summary):
     assert group(summary, "none", 10.0).steps_to[0.95].censored_mean == (1000 + 500) / 2
 
 
-def test_final_test_acc_skips_nan(summary):
+def test_final_accuracies_skip_nan_and_missing(summary):
+    """Final test acc (reported) and final validation acc (ties) over the runs with a finite value:
+    none at lr 10 has a diverged run (NaN) and an interrupted one (validation 0.9, no test set)."""
+    acc = group(summary, "none", 10.0).final_val_acc
+    assert (acc.mean, acc.std, acc.n) == (0.9, None, 1)
     acc = group(summary, "none", 10.0).final_test_acc
-    assert (acc.mean, acc.std, acc.n) == (0.92, None, 1)
+    assert (acc.mean, acc.std, acc.n) == (None, None, 0)
     acc = group(summary, "none", 1.0).final_test_acc
     assert acc.mean == pytest.approx(0.965) and acc.std == pytest.approx(0.01 / 2**0.5)
+    acc = group(summary, "none", 1.0).final_val_acc  # the val/acc curves' last values: 0.95 and 0.97
+    assert acc.mean == pytest.approx(0.96) and acc.std == pytest.approx(0.02 / 2**0.5)
 
 
 def test_speedups_per_lr(summary):
@@ -206,6 +226,17 @@ def test_speedups_at_best_lr(summary):
     assert sp.none_best_lr == 1.0
     best = {b.norm: (b.lr, b.ratio, b.kind) for b in sp.best}
     assert best == {"custom": (10.0, pytest.approx(500 / 200), "="), "native": (1.0, pytest.approx(500 / 250), "=")}
+
+
+def test_best_lr_ties_are_broken_on_validation_never_on_test(tmp_path):
+    """Same steps to the target at two lrs: the higher final validation accuracy wins, although the
+    other lr has the higher test accuracy (and the lower lr, the last tie-break)."""
+    for seed in (0, 1):
+        write_run(tmp_path, f"a{seed}", "custom", 0.1, seed, (100, 200, 300), 0.99, final_val=0.97)
+        write_run(tmp_path, f"b{seed}", "custom", 1.0, seed, (100, 200, 300), 0.95, final_val=0.975)
+    groups = stats.summarize(swp.load_runs(tmp_path)).groups
+    assert stats.best_group(groups, "custom", 0.95).lr == 1.0
+    assert stats.best_group(groups, "custom", 0.97).lr == 1.0
 
 
 def test_speedup_ratio_bounds():
@@ -237,10 +268,12 @@ def test_agreement_flags_a_mismatch(tmp_path):
 
 def test_conclusion_is_built_from_the_numbers(summary):
     text = rep.conclusion(summary)
-    assert text.startswith("Within 1000 steps, test accuracy 0.95 was reached by none with every seed at lr 1; "
+    assert text.startswith("Within 1000 steps, validation accuracy 0.95 was reached by none with every seed at lr 1; "
                            "custom with every seed at lr 0.1, 1, 10; native with every seed at lr 0.1, 1.")
     assert "custom over none ranges from 2.00x at lr 1 (a large gap) to > 3.75x at lr 10" in text
     assert "custom (lr 10) 2.50x, native (lr 1) 2.00x" in text
+    assert ("not used to choose): none (lr 1) 0.9650 +- 0.0071, custom (lr 10) 0.9825 +- 0.0007, "
+            "native (lr 1) 0.9795 +- 0.0007.") in text
     assert "none at lr 10: 1/2 diverged, 1/2 interrupted" in text
     assert "the first training loss by at most 0 (allowed 0.001)" in text and "custom matches native" in text
     assert text.endswith("The first 100 losses agree within 0.000244 at lr 0.1, 1.")
@@ -258,7 +291,7 @@ def test_agreement_per_lr_tells_drift_from_a_different_function(tmp_path):
 
 
 def test_target_from_curve_when_not_in_summary(sweep):
-    """A target missing from steps_to_test_acc is found on the test/acc curve."""
+    """A target missing from steps_to_val_acc is found on the val/acc curve (test/acc, one point at the end, is not used)."""
     runs = swp.load_runs(sweep)
     run = next(r for r in runs if (r.norm, r.lr, r.seed) == ("custom", 0.1, 1))
     assert run.steps_to(0.93) == 500 and run.steps_to(0.99) is None and run.steps_to(0.9) == 200
@@ -267,7 +300,7 @@ def test_target_from_curve_when_not_in_summary(sweep):
 
 
 def test_bad_target():
-    with pytest.raises(swp.ReportError, match="target 1.5 is not a test accuracy"):
+    with pytest.raises(swp.ReportError, match="target 1.5 is not a validation accuracy"):
         stats.summarize([], target=1.5)
 
 
@@ -277,11 +310,12 @@ def test_write_report_markdown_and_figures(tmp_path):
     report, figures = rep.write_report(sweep)
     text = report.read_text()
     assert "| none | 0.1 | 2 | 0 | 0 | 700 +- 141 (2/2) | > 1000 (0/2) | > 1000 (0/2) | 0.9350 +- 0.0071 |" in text
-    assert "| none | 10 | 2 | 1 | 1 | 400 (1/2) | > 750 (0/2) | > 750 (0/2) | 0.9200 (1/2 finite) |" in text
+    assert "| none | 10 | 2 | 1 | 1 | 400 (1/2) | > 750 (0/2) | > 750 (0/2) | n/a (0/2 finite) |" in text
     assert "| custom | 0.1 | > 1000 (0/2) | 400 +- 141 (2/2) | > 2.50x |" in text
-    assert "| custom | 10 | 200 +- 0 (2/2) | 2.50x |" in text
+    assert "| custom | 10 | 200 +- 0 (2/2) | 2.50x | 0.9825 +- 0.0007 |" in text  # test acc of the chosen lr
+    assert "| norm | lr | runs | diverged | interrupted | steps to 90% val acc |" in text
     assert "Run dirs without summary.json (not counted below): 1" in text
-    assert [f.name for f in figures] == ["test_acc.png", "activations.png", "steps_to_target.png"]
+    assert [f.name for f in figures] == ["val_acc.png", "activations.png", "steps_to_target.png"]
     for fig in figures:
         data = fig.read_bytes()
         assert len(data) > 1000 and data[:8] == PNG_MAGIC
@@ -329,6 +363,18 @@ def test_error_bad_summary(tmp_path):
         swp.load_runs(tmp_path)
 
 
+def test_error_summary_from_before_choices_moved_to_validation(tmp_path):
+    """A summary.json with steps_to_test_acc and no steps_to_val_acc is refused in one line naming it."""
+    path = write_run(tmp_path, "old", "none", 1.0, 0, (100, 200, 300), 0.98) / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["steps_to_test_acc"] = summary.pop("steps_to_val_acc")
+    path.write_text(json.dumps(summary))
+    with pytest.raises(swp.ReportError) as err:
+        swp.load_runs(tmp_path)
+    assert str(err.value) == (f"{path}: made by a bnexp before choices moved to validation (steps_to_test_acc, "
+                              "no steps_to_val_acc); rerun the sweep with this version")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def run_cli(*args):
@@ -358,7 +404,7 @@ def test_cli_out_dir_and_prefix_keep_links_consistent(sweep, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text = (out / "conv_report.md").read_text()
-    for name in ("conv_test_acc.png", "conv_activations.png", "conv_steps_to_target.png"):
+    for name in ("conv_val_acc.png", "conv_activations.png", "conv_steps_to_target.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in text
     assert not (sweep / "conv_report.md").exists()
 

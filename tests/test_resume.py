@@ -63,7 +63,7 @@ def outcome(run_dir):
 
 def assert_same_outcome(a_dir, b_dir):
     (sa, ca, pa), (sb, cb, pb) = outcome(a_dir), outcome(b_dir)
-    for key in ("status", "steps_done", "final", "steps_to_test_acc", "diverged_at_step"):
+    for key in ("status", "steps_done", "final", "steps_to_val_acc", "diverged_at_step"):
         assert sa[key] == sb[key], key
     assert ca == cb  # one continuous curve each: same steps, no duplicates, same values
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)

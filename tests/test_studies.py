@@ -19,15 +19,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(sweep, rel, norm, lr, seed, config, s90, final_acc, train_mode_acc=None, probes=None, name="study"):
-    """A run dir: summary.json with `config` merged in, and event files with test/acc and the given
-    probe curves ({tag: [(step, value)]})."""
+    """A run dir: summary.json with `config` merged in, and event files with val/acc (reaching 0.9 at
+    s90), test/acc once at the end (final_acc) and the given probe curves ({tag: [(step, value)]})."""
     run_dir = sweep / rel
     run_dir.mkdir(parents=True)
-    final = {"train_loss": 0.1, "val_acc": final_acc, "test_acc": final_acc, "test_loss": 0.2}
+    final_val = 0.5 if s90 is None else 0.9  # the val/acc curve's last value
+    final = {"train_loss": 0.1, "val_acc": final_val, "val_loss": 0.25, "test_acc": final_acc, "test_loss": 0.2}
     if train_mode_acc is not None:
         final["test_acc_train_mode"] = train_mode_acc
     summary = {"status": "completed", "norm": norm, "seed": seed, "steps_done": BUDGET, "diverged_at_step": None,
-               "final": final, "steps_to_test_acc": {"0.90": s90, "0.95": None, "0.97": None, "0.98": None},
+               "final": final, "steps_to_val_acc": {"0.90": s90, "0.95": None, "0.97": None, "0.98": None},
                "wall_s": 1.0, "train_steps_per_s": 1000.0,
                "config": {"name": name, "norm.name": norm, "norm.position": "before", "optim.lr": lr, "seed": seed,
                           "train.steps": BUDGET, "train.batch_size": 60, "train.eval_every": 100,
@@ -35,14 +36,15 @@ def write_run(sweep, rel, norm, lr, seed, config, s90, final_acc, train_mode_acc
     (run_dir / "summary.json").write_text(json.dumps(summary))
     writer = SummaryWriter(str(run_dir))
     for step in range(0, BUDGET + 1, 100):
-        writer.add_scalar("test/acc", 0.5 if s90 is None or step < s90 else 0.9, step)
+        writer.add_scalar("val/acc", 0.5 if s90 is None or step < s90 else 0.9, step)
+    writer.add_scalar("test/acc", final_acc, BUDGET)  # the test set's one evaluation, at the end
     for tag, points in (probes or {}).items():
         for step, value in points:
             writer.add_scalar(tag, value, step)
     writer.close()
 
 
-DEPTH = {  # (widths, norm, seed) -> steps to 90%
+DEPTH = {  # (widths, norm, seed) -> steps to 90% validation accuracy
     ("[100, 100]", "none", 0): 200, ("[100, 100]", "none", 1): 300,
     ("[100, 100]", "custom", 0): 100, ("[100, 100]", "custom", 1): 100,
     ("[100, 100, 100, 100]", "none", 0): None, ("[100, 100, 100, 100]", "none", 1): None,
@@ -96,8 +98,11 @@ def test_depth_report_section(depth_sweep):
     assert "## Study: depth (`model.widths`)" in text and "## Per (norm, lr)" not in text
     assert "| 2 x 100 | none | 1 | 2 | 0 | 250 +- 71 (2/2) |" in text
     assert "| 4 x 100 | custom | 1 | 200 +- 0 (2/2) | > 5.00x | 1: > 5.00x |" in text
-    assert "Speed-up of custom over none to test accuracy 0.9, each at its best lr, by hidden layers: " \
+    assert "Speed-up of custom over none to validation accuracy 0.9, each at its best lr, by hidden layers: " \
            "2 x 100: 2.50x, 4 x 100: > 5.00x." in text
+    assert "| 4 x 100 | custom | 1 | 200 +- 0 (2/2) | > 5.00x | 1: > 5.00x | 0.9000 +- 0.0000 |" in text
+    assert "Test accuracy of each norm at its best lr (chosen on validation; the test set's one evaluation at " \
+           "the end of each run): none 2 x 100: 0.9000, 4 x 100: 0.9000; custom" in text
     assert [f.name for f in figures] == ["study.png"]
     assert figures[0].read_bytes()[:8] == PNG_MAGIC
 
@@ -150,7 +155,7 @@ CLI_SWEEPS = {  # preset -> overrides that keep its sweep tiny; what its report 
     "santurkar": (["train.steps=30", "train.eval_every=10", "probe.every=10", "norm=none,custom_noisy",
                    "optim.lr=1.0", "seed=0,1"],
                   ["## Why: loss landscape and internal covariate shift", "| custom_noisy | 1 | 2 |"],
-                  ["test_acc.png", "steps_to_target.png", "probes.png", "ics.png"]),
+                  ["val_acc.png", "steps_to_target.png", "probes.png", "ics.png"]),
     "depth": (["train.steps=30", "train.eval_every=10", "model.widths=[8],[8,8,8]", "norm=none,custom",
                "optim.lr=1.0", "seed=0"],
               ["## Study: depth (`model.widths`)", "| 3 x 8 | custom | 1 | 1 | 0 |"], ["study.png"]),

@@ -41,7 +41,7 @@ def outcome(run_dir):
     acc.Reload()
     curves = {tag: [(e.step, exact(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     params = torch.load(run_dir / "model.pt")
-    return ({k: summary[k] for k in ("status", "steps_done", "final", "steps_to_test_acc", "diverged_at_step")},
+    return ({k: summary[k] for k in ("status", "steps_done", "final", "steps_to_val_acc", "diverged_at_step")},
             curves, {k: v.tolist() for k, v in params.items()})
 
 

@@ -232,7 +232,7 @@ def test_custom_scalars_margin_charts_per_learning_rate(server, made):
     tags = get(server["base"], "/data/plugin/scalars/tags")
     for lr in LRS:
         charts = categories[f"optim.lr={lr}: none / custom / native over seeds"]
-        assert len(charts) == 4
+        assert len(charts) == len(EVAL_METRICS) + 1  # val/acc, val/loss, train/loss per eval interval
         carriers = [r for r, c in made["aggregates"].items() if f"{c['optim.lr']:g}" == lr]
         assert len(carriers) == 3  # none, custom, native side by side
         for chart in charts:

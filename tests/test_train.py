@@ -12,7 +12,7 @@ from bnexp.run.data import DataError
 from bnexp.run.engine import evaluate
 from bnexp.run.loop import train
 from bnexp.run.order import BatchOrder
-from bnexp.run.summary import steps_to_test_acc
+from bnexp.run.summary import steps_to_val_acc
 from conftest import expected_histogram_tags, expected_scalar_tags, tiny_config
 
 
@@ -31,8 +31,8 @@ def test_summary_has_every_field_of_the_design(tiny_mnist, tmp_path):
     assert on_disk == json.loads(json.dumps(summary))
     assert summary["status"] == "completed" and summary["norm"] == "custom" and summary["seed"] == 3
     assert summary["steps_done"] == 60 and summary["diverged_at_step"] is None
-    assert set(summary["final"]) == {"train_loss", "val_acc", "test_acc", "test_loss"}
-    assert set(summary["steps_to_test_acc"]) == {"0.90", "0.95", "0.97", "0.98"}
+    assert set(summary["final"]) == {"train_loss", "val_acc", "val_loss", "test_acc", "test_loss"}
+    assert set(summary["steps_to_val_acc"]) == {"0.90", "0.95", "0.97", "0.98"}
     assert summary["wall_s"] > 0 and summary["train_steps_per_s"] > 0
     assert summary["config"]["norm.name"] == "custom" and summary["config"]["seed"] == 3
     assert summary["final"]["test_acc"] > 0.3  # the tiny data is learnable: well above chance
@@ -50,7 +50,8 @@ def test_every_tensorboard_tag_is_written(tiny_mnist, tmp_path, norm):
     assert histograms == expected_histogram_tags(2, norm)
     assert not scalars & histograms  # TensorBoard shows a tag of two kinds in neither tab
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 61))
-    assert [e.step for e in acc.Scalars("test/acc")] == [0, 20, 40, 60]
+    assert [e.step for e in acc.Scalars("val/acc")] == [0, 20, 40, 60]
+    assert [e.step for e in acc.Scalars("test/acc")] == [60]  # the test set once, at the end
     p15, p50, p85 = (acc.Scalars(f"act/layer2/p{p}")[-1].value for p in (15, 50, 85))
     assert p15 <= p50 <= p85
     hparams = acc.PluginTagToContent("hparams")  # in the run itself, not a nested run
@@ -61,7 +62,7 @@ def test_same_config_and_seed_give_identical_numbers(tiny_mnist, tmp_path):
     """Determinism on one machine: every loss and metric is bit-for-bit the same."""
     a = train(tiny_config(tiny_mnist), tmp_path / "a")
     b = train(tiny_config(tiny_mnist), tmp_path / "b")
-    assert a["final"] == b["final"] and a["steps_to_test_acc"] == b["steps_to_test_acc"]
+    assert a["final"] == b["final"] and a["steps_to_val_acc"] == b["steps_to_val_acc"]
     la = [e.value for e in read_scalars(tmp_path / "a").Scalars("train/loss")]
     lb = [e.value for e in read_scalars(tmp_path / "b").Scalars("train/loss")]
     assert la == lb
@@ -87,9 +88,22 @@ def test_divergence_is_a_recorded_result(tiny_mnist, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
-def test_steps_to_test_acc_takes_the_first_evaluated_step():
-    evals = [{"step": s, "test/acc": a} for s, a in [(0, 0.1), (100, 0.91), (200, 0.9), (300, 0.96)]]
-    assert steps_to_test_acc(evals) == {"0.90": 100, "0.95": 300, "0.97": None, "0.98": None}
+def test_steps_to_val_acc_takes_the_first_evaluated_step():
+    evals = [{"step": s, "val/acc": a} for s, a in [(0, 0.1), (100, 0.91), (200, 0.9), (300, 0.96)]]
+    assert steps_to_val_acc(evals) == {"0.90": 100, "0.95": 300, "0.97": None, "0.98": None}
+
+
+@pytest.mark.parametrize("test_every,tested", [(0, [60]), (40, [0, 40, 60]), (20, [0, 20, 40, 60])])
+def test_the_test_set_is_measured_at_the_end_and_where_asked(tiny_mnist, tmp_path, test_every, tested):
+    """Choices are made on validation: test/acc at the last step only, or every train.test_every
+    steps if set; the validation curve and every other number are the same either way."""
+    summary = train(tiny_config(tiny_mnist, f"train.test_every={test_every}"), tmp_path / "run")
+    acc = read_scalars(tmp_path / "run")
+    assert [e.step for e in acc.Scalars("test/acc")] == tested
+    assert [e.step for e in acc.Scalars("val/acc")] == [0, 20, 40, 60]
+    assert summary["final"]["test_acc"] == acc.Scalars("test/acc")[-1].value == pytest.approx(
+        summary["final"]["test_acc"])  # the final test numbers are the last step's
+    assert summary["final"]["test_acc"] is not None and summary["final"]["test_loss"] is not None
 
 
 def test_batch_order_is_a_permutation_per_epoch_and_resumes_exactly():
@@ -120,7 +134,7 @@ def test_tensorboard_off_writes_no_events_and_the_same_results(tiny_mnist, tmp_p
     off = train(tiny_config(tiny_mnist, "train.tensorboard=false"), tmp_path / "off")
     assert list((tmp_path / "on").glob("events.out.tfevents.*"))
     assert not list((tmp_path / "off").glob("events.out.tfevents.*"))
-    assert on["final"] == off["final"] and on["steps_to_test_acc"] == off["steps_to_test_acc"]
+    assert on["final"] == off["final"] and on["steps_to_val_acc"] == off["steps_to_val_acc"]
 
 
 @pytest.mark.parametrize("override,error,message", [

@@ -9,10 +9,12 @@ own, beside report.md:
 A group is every run with the same config but the seed (and the keys that say where or how a
 run was resumed, IGNORED_KEYS); it is named by the keys that vary between groups, as Hydra names
 sweep jobs. Each aggregate run holds, at every evaluated step, the mean, min, max and std (ddof=1)
-over seeds of test/acc, val/acc, test/loss, and of train/loss averaged over each eval interval.
-Statistics use the seeds with a finite value at that step: a diverged seed drops out.
+over seeds of val/acc, val/loss, and of train/loss averaged over each eval interval. The test set
+is evaluated once, at the end of a run (one test/acc point per run: a number for report.md, not a
+curve), so it is not aggregated here. Statistics use the seeds with a finite value at that step:
+a diverged seed drops out.
 
-The tags start with the rest of the group name without the norm, e.g. `optim.lr=0.1/test/acc/mean`,
+The tags start with the rest of the group name without the norm, e.g. `optim.lr=0.1/val/acc/mean`,
 because TensorBoard draws every run that has a chart's tags in that chart: so the Scalars tab
 groups none/custom/native of one learning rate together, and the custom-scalars layout written
 into the same runs gives one margin chart (mean with its min..max band) per metric and lr.
@@ -39,7 +41,7 @@ from bnexp.report.runs import AGGREGATE_MARKER, Run
 AGGREGATES_DIR = "aggregates"
 MARKER = AGGREGATE_MARKER  # in every aggregate run dir; bnexp.report.runs.dirs_without_summary skips them
 IGNORED_KEYS = ("seed", "data.root", "train.resume")  # not part of what a configuration is
-EVAL_METRICS = ("test/acc", "val/acc", "test/loss")
+EVAL_METRICS = ("val/acc", "val/loss")  # curves at every evaluation; test/* has one point per run
 LOSS = "train/loss"
 STATS = ("mean", "min", "max", "std")
 SHORT_KEYS = {"norm.name": "norm", "optim.name": "optim"}  # config groups, named as on the command line
@@ -100,10 +102,11 @@ def interval_means(steps: np.ndarray, values: np.ndarray, evals: np.ndarray) -> 
 
 
 def seed_curves(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The run's curves that are aggregated: the eval metrics, and train/loss per eval interval."""
+    """The run's curves that are aggregated: the eval metrics, and train/loss per eval interval
+    (the intervals between the steps of its val/acc curve, its evaluations)."""
     curves = {tag: run.curves[tag] for tag in EVAL_METRICS if tag in run.curves}
-    if LOSS in run.curves and "test/acc" in run.curves:
-        curves[LOSS] = interval_means(*run.curves[LOSS], run.curves["test/acc"][0])
+    if LOSS in run.curves and EVAL_METRICS[0] in run.curves:
+        curves[LOSS] = interval_means(*run.curves[LOSS], run.curves[EVAL_METRICS[0]][0])
     return curves
 
 
@@ -134,7 +137,7 @@ def layout(group: str) -> dict:
     """Custom-scalars layout for one chart group: a margin chart (mean, band min..max) per metric.
 
     Written last to first: TensorBoard 2.21's custom-scalars tab shows a category's charts in
-    reverse order (seen in its screenshots with both loaders), so people see test/acc first.
+    reverse order (seen in its screenshots with both loaders), so people see val/acc first.
     """
     charts = {f"{metric}{' per eval interval' if metric == LOSS else ''}: mean over seeds, band min..max":
               ["Margin", [f"{group}/{metric}/{s}" for s in ("mean", "min", "max")]]

@@ -1,8 +1,10 @@
 """A sweep as two tidy CSV tables, for pandas, R or a spreadsheet (`pandas.read_csv(path)`, no options).
 
 - runs.csv: one row per run: `run` (its dir relative to the sweep dir), every config key,
-  `status`, `steps_done`, `diverged_at_step`, the final metrics (`final_test_acc`, ...), the
-  steps to each test accuracy threshold (`steps_to_0.95`, empty when never reached), timing.
+  `status`, `steps_done`, `diverged_at_step`, the final metrics (`final_train_loss`,
+  `final_val_acc`, `final_val_loss`, `final_test_acc`, `final_test_loss` always, in that order,
+  then any others a summary has, e.g. `final_test_acc_train_mode`), the steps to each validation
+  accuracy threshold (`steps_to_val_acc_0.95`, empty when never reached), timing.
 - curves.csv: one row per logged scalar point: `run`, `tag`, `step`, `value`.
 
 Empty cells are missing values (None in summary.json); NaN and inf are written as `nan`, `inf`,
@@ -20,6 +22,10 @@ if TYPE_CHECKING:
     from bnexp.report.runs import Run
 
 RESULT_COLUMNS = ("status", "steps_done", "diverged_at_step")
+# summary.json's `final` keys, as final_<key> columns in this order even where a summary lacks one
+# (final.test_* are null for a run interrupted before its end, whose test set was never evaluated)
+FINAL_KEYS = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")
+STEPS_KEY = "steps_to_val_acc"  # summary.json's steps to each validation accuracy: steps_to_val_acc_<t> columns
 TIMING_COLUMNS = ("wall_s", "train_steps_per_s")
 
 
@@ -33,24 +39,24 @@ def _cell(value: Any) -> Any:
 
 
 def _thresholds(runs: list[Run]) -> list[str]:
-    keys = {k for r in runs for k in (r.summary.get("steps_to_test_acc") or {})}
+    keys = {k for r in runs for k in (r.summary.get(STEPS_KEY) or {})}
     return sorted(keys, key=float)
 
 
 def runs_table(runs: list[Run], sweep_dir) -> tuple[list[str], list[dict]]:
     """(header, rows) of runs.csv."""
     config_keys = list(dict.fromkeys(k for r in runs for k in r.config))
-    final_keys = list(dict.fromkeys(k for r in runs for k in (r.summary.get("final") or {})))
+    final_keys = list(dict.fromkeys([*FINAL_KEYS, *(k for r in runs for k in (r.summary.get("final") or {}))]))
     thresholds = _thresholds(runs)
     header = ["run", *config_keys, *RESULT_COLUMNS, *(f"final_{k}" for k in final_keys),
-              *(f"steps_to_{t}" for t in thresholds), *TIMING_COLUMNS]
+              *(f"{STEPS_KEY}_{t}" for t in thresholds), *TIMING_COLUMNS]
     rows = []
     for run in sorted(runs, key=lambda r: run_id(r, sweep_dir)):
         s = run.summary
         row = {"run": run_id(run, sweep_dir), **{k: run.config.get(k) for k in config_keys}}
         row.update({k: s.get(k) for k in (*RESULT_COLUMNS, *TIMING_COLUMNS)})
         row.update({f"final_{k}": (s.get("final") or {}).get(k) for k in final_keys})
-        row.update({f"steps_to_{t}": (s.get("steps_to_test_acc") or {}).get(t) for t in thresholds})
+        row.update({f"{STEPS_KEY}_{t}": (s.get(STEPS_KEY) or {}).get(t) for t in thresholds})
         rows.append({k: _cell(v) for k, v in row.items()})
     return header, rows
 

@@ -1,9 +1,12 @@
-"""The report's figures: test accuracy per lr, Ioffe 2015 Fig. 1(b,c), steps to the target vs lr;
+"""The report's figures: validation accuracy per lr, Ioffe 2015 Fig. 1(b,c), steps to the target vs lr;
 for the why studies (bnexp/report/studies.py): a study's numbers vs its value, Santurkar's landscape
 probes (Fig. 4) and internal covariate shift per layer, each as mean and band over seeds.
 
 Each figure is drawn on its own matplotlib `Figure` and saved with the Agg renderer: no pyplot
 global state, so figures can be made from tests and threads without a display.
+
+Curves are validation curves (`val/acc`): the test set is evaluated once, at the end of a run, so
+its accuracy appears only as a number per norm at its chosen lr (the study figure), never as a curve.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from bnexp.report.runs import Run
 # Each norm's colour, line and marker come from its registry entry (bnexp/nn/registry.py)
 COLORS = {name: v.color for name, v in NORMS.items()}
 STYLES = {name: (v.line, v.marker) for name, v in NORMS.items()}
-ZOOM = (0.9, 1.0)  # the lower panels of the test-accuracy figure: where the variants' final accuracies differ
+ZOOM = (0.9, 1.0)  # the lower panels of the validation-accuracy figure: where the variants' final accuracies differ
+ACC_CURVE = "val/acc"  # the accuracy curve figures draw (test/acc has one point per run)
 
 
 def write_figures(runs: list[Run], stats: SweepStats, out_dir: Path, prefix: str = "",
@@ -36,10 +40,10 @@ def write_figures(runs: list[Run], stats: SweepStats, out_dir: Path, prefix: str
         out.update(_convergence_figures(runs, stats, out_dir, name))
     else:
         plot_study(study, out_dir / name("study"))
-        out[name("study")] = (f"{study.name}: steps to test accuracy {stats.target:g} and final test accuracy vs "
-                              f"{STUDY_COLUMN.get(study.name, study.key)}, each norm at its best lr there "
-                              "(mean +- std over seeds)" + (", and the train/eval accuracy gap" if study.gaps else "")
-                              + ".")
+        out[name("study")] = (f"{study.name}: steps to validation accuracy {stats.target:g} and the final test "
+                              f"accuracy vs {STUDY_COLUMN.get(study.name, study.key)}, each norm at its best lr there "
+                              "(chosen on validation; mean +- std over seeds)"
+                              + (", and the train/eval accuracy gap" if study.gaps else "") + ".")
     key = None if study is None else study.key
     if plot_probes(runs, key, out_dir / name("probes")):
         out[name("probes")] = ("Loss landscape along the gradient (Santurkar et al. 2018, Fig. 4): range of "
@@ -53,15 +57,15 @@ def write_figures(runs: list[Run], stats: SweepStats, out_dir: Path, prefix: str
 
 def _convergence_figures(runs: list[Run], stats: SweepStats, out_dir: Path, name) -> dict[str, str]:
     out = {}
-    if plot_test_acc(runs, out_dir / name("test_acc")):
-        out[name("test_acc")] = ("Test accuracy vs step per norm: line = mean, band = min..max over seeds; "
-                                 "one column per lr, the bottom row zoomed into 90-100%.")
+    if plot_val_acc(runs, out_dir / name("val_acc")):
+        out[name("val_acc")] = ("Validation accuracy vs step per norm: line = mean, band = min..max over seeds; "
+                                "one column per lr, the bottom row zoomed into 90-100%.")
     acts = plot_activations(runs, out_dir / name("activations"))
     if acts:
         out[name("activations")] = (f"15/50/85th percentiles of the input to the last hidden layer's nonlinearity "
                                     f"(Ioffe & Szegedy 2015, Fig. 1b,c) at {acts[1]}.")
     plot_steps_to_target(stats, out_dir / name("steps_to_target"))
-    out[name("steps_to_target")] = (f"Mean steps to test accuracy {stats.target:g} vs lr per norm; "
+    out[name("steps_to_target")] = (f"Mean steps to validation accuracy {stats.target:g} vs lr per norm; "
                                     "'x' at the top marks seeds that never reached it.")
     return out
 
@@ -77,17 +81,17 @@ def _pool_curves(runs: list[Run], tag: str):
     return steps, *(np.array([f(v) for v in vals]) for f in (np.mean, np.min, np.max))
 
 
-def plot_test_acc(runs: list[Run], path: Path) -> Path | None:
-    """Test accuracy vs step, one column per lr, a line (mean) and min..max band per norm over
+def plot_val_acc(runs: list[Run], path: Path) -> Path | None:
+    """Validation accuracy vs step, one column per lr, a line (mean) and min..max band per norm over
     seeds; the top row shows 0..1, the bottom row zooms into 90..100%."""
-    groups = {k: rs for k, rs in group_runs(runs).items() if any("test/acc" in r.curves for r in rs)}
+    groups = {k: rs for k, rs in group_runs(runs).items() if any(ACC_CURVE in r.curves for r in rs)}
     if not groups:
         return None
     lrs = sorted({lr for _, lr in groups})
     fig = Figure(figsize=(max(7, 4 * len(lrs)), 6.5), layout="constrained")
     axes = fig.subplots(2, len(lrs), squeeze=False, sharey="row")
     for (norm, lr), rs in groups.items():
-        steps, mean, lo, hi = _pool_curves(rs, "test/acc")
+        steps, mean, lo, hi = _pool_curves(rs, ACC_CURVE)
         color = COLORS.get(norm)
         for ax in axes[:, lrs.index(lr)]:
             ax.plot(steps, mean, STYLES.get(norm, ("-",))[0], color=color, label=f"{norm} (n={len(rs)})")
@@ -99,9 +103,9 @@ def plot_test_acc(runs: list[Run], path: Path) -> Path | None:
         top.legend(fontsize="small")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("test accuracy")
-    axes[1, 0].set_ylabel(f"test accuracy (zoom {ZOOM[0]:g}-{ZOOM[1]:g})")
-    fig.suptitle("Test accuracy per norm: line = mean, band = min..max over seeds")
+    axes[0, 0].set_ylabel("validation accuracy")
+    axes[1, 0].set_ylabel(f"validation accuracy (zoom {ZOOM[0]:g}-{ZOOM[1]:g})")
+    fig.suptitle("Validation accuracy per norm: line = mean, band = min..max over seeds")
     fig.savefig(path, dpi=100)
     return path
 
@@ -168,8 +172,9 @@ def plot_steps_to_target(stats: SweepStats, path: Path) -> Path:
             ax.annotate(f"{norm}: {k} not reached", (lr, top), textcoords="offset points", ha="center",
                         xytext=(0, 6 + 8 * (norm != "none")), fontsize="x-small", color=color)
     ax.axhline(max(stats.budgets), color="gray", linestyle=":", label="budget (train.steps)")
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"steps to test acc >= {t:g}",
-           title=f"Steps to test accuracy {t:g} ('x' at the top: seeds that never reached it)", ylim=(0, top * 1.1))
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"steps to val acc >= {t:g}",
+           title=f"Steps to validation accuracy {t:g} ('x' at the top: seeds that never reached it)",
+           ylim=(0, top * 1.1))
     ax.title.set_fontsize("small")
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3, which="both")
@@ -196,7 +201,8 @@ def _row_title(key: tuple[str, float], column: str | None) -> str:
 
 
 def plot_study(study, path: Path) -> Path:
-    """Steps to the target and final test accuracy vs the study value, each norm at its best lr there."""
+    """Steps to the validation target and final test accuracy vs the study value, each norm at its best lr
+    there (chosen on validation: bnexp.report.stats.best_group)."""
     labels = [v.label for v in study.values]
     x = np.arange(len(labels))
     target = study.values[0].stats.target
@@ -221,9 +227,9 @@ def plot_study(study, path: Path) -> Path:
     if study.gaps:
         _plot_gaps(axes[2], study, labels)
     axes[0].axhline(budget, color="gray", linestyle=":")
-    axes[0].set(ylabel=f"steps to test acc >= {target:g}", ylim=(0, budget * 1.12),
-                title=f"steps to {target:g} (best lr; 'x': not every seed)")
-    axes[1].set(ylabel="final test accuracy (eval mode)", title="final test accuracy (best lr)")
+    axes[0].set(ylabel=f"steps to val acc >= {target:g}", ylim=(0, budget * 1.12),
+                title=f"steps to val acc {target:g} (best lr; 'x': not every seed)")
+    axes[1].set(ylabel="final test accuracy (eval mode)", title="test accuracy of the chosen lr (chosen on val)")
     column = STUDY_COLUMN.get(study.name, study.key)
     for ax in axes:
         ax.set_xticks(x, labels)

@@ -3,8 +3,12 @@
 A sweep dir holds one run dir per (norm, lr, seed), found at any depth, each with `summary.json`
 and event files (docs/design.md#summaryjson and docs/design.md#tensorboard-tags fix both).
 `load_runs` reads them all and refuses, in one line, what the report cannot use: a missing or
-empty dir, a summary.json without the contract's fields, runs of different experiments mixed
-in one dir.
+empty dir, a summary.json without the contract's fields (one made by a bnexp that counted steps
+on the test set among them), runs of different experiments mixed in one dir.
+
+Choose on validation, report on test: steps to a target come from `steps_to_val_acc` and the
+`val/acc` curve, and every choice is made on them; `final.test_acc` is the test set's one
+evaluation at the end of a run, which the report shows and never chooses on.
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ from bnexp.run.summary import STATUSES, Status, Summary
 
 AGGREGATE_MARKER = "aggregate.json"  # in every aggregate run dir (bnexp/report/aggregate.py): not a run
 
+STEPS_KEY, STEPS_CURVE = "steps_to_val_acc", "val/acc"  # steps to a target count on validation
+OLD_STEPS_KEY = "steps_to_test_acc"  # what a bnexp before the move to validation wrote instead
 # the Summary fields the report cannot do without (it reads the others with .get: they may be absent)
-REQUIRED_KEYS = ("status", "norm", "seed", "steps_done", "final", "steps_to_test_acc", "config")
+REQUIRED_KEYS = ("status", "norm", "seed", "steps_done", "final", STEPS_KEY, "config")
 REQUIRED_CONFIG_KEYS = ("optim.lr", "train.steps")
 
 
@@ -65,22 +71,31 @@ class Run:
     def budget(self) -> int:
         return int(self.config["train.steps"])
 
-    @property
-    def final_test_acc(self) -> float:
-        """Final test accuracy; NaN when the run has none (a diverged run may write null)."""
-        value = (self.summary.get("final") or {}).get("test_acc")
+    def _final(self, key: str) -> float:
+        value = (self.summary.get("final") or {}).get(key)
         return float("nan") if value is None else float(value)
 
+    @property
+    def final_test_acc(self) -> float:
+        """The test set's accuracy from its one evaluation at the end: reported, never chosen on.
+        NaN when the run has none (interrupted before its end, or a diverged run's null)."""
+        return self._final("test_acc")
+
+    @property
+    def final_val_acc(self) -> float:
+        """Validation accuracy at the last evaluation (what ties between choices are broken by); NaN if none."""
+        return self._final("val_acc")
+
     def steps_to(self, target: float) -> int | None:
-        """First evaluated step with test acc >= target, or None: from summary.json, else the test/acc curve."""
-        for key, steps in (self.summary["steps_to_test_acc"] or {}).items():
+        """First evaluated step with validation acc >= target, or None: from summary.json, else the val/acc curve."""
+        for key, steps in (self.summary[STEPS_KEY] or {}).items():
             if math.isclose(float(key), target):
                 return None if steps is None else int(steps)
-        if "test/acc" not in self.curves:
-            keys = sorted(self.summary["steps_to_test_acc"] or {})
-            raise ReportError(f"{self.path}: target {target} is not in steps_to_test_acc {keys} and the run "
-                              "has no test/acc curve to compute it from; use one of those targets")
-        steps, acc = self.curves["test/acc"]
+        if STEPS_CURVE not in self.curves:
+            keys = sorted(self.summary[STEPS_KEY] or {})
+            raise ReportError(f"{self.path}: target {target} is not in {STEPS_KEY} {keys} and the run "
+                              f"has no {STEPS_CURVE} curve to compute it from; use one of those targets")
+        steps, acc = self.curves[STEPS_CURVE]
         hits = np.flatnonzero(acc >= target)
         return int(steps[hits[0]]) if hits.size else None
 
@@ -132,6 +147,9 @@ def _read_summary(path: Path) -> Summary:
         summary = json.loads(path.read_text())  # NaN literals from a diverged run parse as float nan
     except (OSError, ValueError) as err:
         raise ReportError(f"{path}: cannot read as JSON ({err})") from None
+    if OLD_STEPS_KEY in summary and STEPS_KEY not in summary:
+        raise ReportError(f"{path}: made by a bnexp before choices moved to validation ({OLD_STEPS_KEY}, "
+                          f"no {STEPS_KEY}); rerun the sweep with this version")
     missing = [k for k in REQUIRED_KEYS if k not in summary]
     missing += [f"config[{k!r}]" for k in REQUIRED_CONFIG_KEYS if k not in (summary.get("config") or {})]
     if missing:

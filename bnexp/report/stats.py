@@ -1,4 +1,10 @@
-"""The numbers of a sweep: steps to a test accuracy per (norm, lr), speed-ups over none, custom vs native.
+"""The numbers of a sweep: steps to a validation accuracy per (norm, lr), speed-ups over none, custom vs native.
+
+Choose on validation, report on test: steps to a target count on the validation set
+(summary.json's steps_to_val_acc, the val/acc curve), and so does every choice made here (a
+norm's best lr, ties broken by final validation accuracy); the final test accuracy, from the
+test set's one evaluation at the end of a run, is reported per group and compared between
+custom and native (a measurement), never chosen on.
 
 Runs are grouped by (norm, optim.lr) over seeds. A seed that never reached a target counts at
 its censor step (the budget, or steps_done if interrupted) wherever a mean over every seed is
@@ -15,11 +21,11 @@ import numpy as np
 
 from bnexp.nn.registry import order as norm_order
 from bnexp.report.runs import ReportError, Run
-from bnexp.run.summary import STATUSES, STEPS_TO_TEST_ACC_KEYS
+from bnexp.run.summary import STATUSES, STEPS_TO_VAL_ACC_KEYS
 
-# the test accuracies the per-(norm, lr) table always shows, besides the target: 0.90, 0.95, 0.97, the
-# steps_to_test_acc keys of summary.json but 0.98 (so their steps come from summary.json, not the curves)
-TABLE_TARGETS = tuple(float(k) for k in STEPS_TO_TEST_ACC_KEYS if k != "0.98")
+# the validation accuracies the per-(norm, lr) table always shows, besides the target: 0.90, 0.95, 0.97,
+# the steps_to_val_acc keys of summary.json but 0.98 (so their steps come from summary.json, not the curves)
+TABLE_TARGETS = tuple(float(k) for k in STEPS_TO_VAL_ACC_KEYS if k != "0.98")
 N_LOSS_COMPARE = 100  # custom vs native: compare this many first train/loss values
 AGREE_LOSS_TOL = 1e-3  # float rounding alone stays far below this after 100 steps
 AGREE_ACC_TOL = 0.005  # 50 of the 10,000 test images; rounding can flip a few late in training
@@ -27,7 +33,7 @@ AGREE_ACC_TOL = 0.005  # 50 of the 10,000 test images; rounding can flip a few l
 
 @dataclass(frozen=True)
 class StepStats:
-    """Steps to one test accuracy over a group's seeds."""
+    """Steps to one validation accuracy over a group's seeds."""
 
     n: int  # runs in the group, diverged and interrupted ones included
     reached: int  # how many of them reached the target
@@ -43,7 +49,7 @@ class StepStats:
 
 @dataclass(frozen=True)
 class AccStats:
-    """Final test accuracy over the runs of a group that have a finite one."""
+    """A final accuracy (test or validation) over the runs of a group that have a finite one."""
 
     mean: float | None
     std: float | None
@@ -60,8 +66,9 @@ class Group:
     runs: int
     diverged: int
     interrupted: int
-    steps_to: dict[float, StepStats]  # by target test accuracy
-    final_test_acc: AccStats
+    steps_to: dict[float, StepStats]  # by target validation accuracy
+    final_test_acc: AccStats  # the test set's one evaluation at the end: reported, never chosen on
+    final_val_acc: AccStats  # the last validation accuracy: breaks ties between lrs (best_group)
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ class SweepStats:
     """Everything the report says about a sweep, as numbers."""
 
     experiment: str
-    target: float  # the test accuracy speed-ups are measured at
+    target: float  # the validation accuracy speed-ups are measured at
     thresholds: list[float]  # TABLE_TARGETS and the target, ascending
     counts: Counts
     budgets: list[int]
@@ -140,7 +147,7 @@ class SweepStats:
 def summarize(runs: list[Run], target: float = 0.95, without_summary=()) -> SweepStats:
     """Per-group statistics, speed-ups at `target` and custom-vs-native agreement of a sweep's runs."""
     if not 0 < target <= 1:
-        raise ReportError(f"target {target} is not a test accuracy in (0, 1]")
+        raise ReportError(f"target {target} is not a validation accuracy in (0, 1]")
     thresholds = sorted(set(TABLE_TARGETS) | {target}, key=float)
     groups = [group_stats(norm, lr, rs, thresholds) for (norm, lr), rs in group_runs(runs).items()]
     return SweepStats(
@@ -193,16 +200,22 @@ def steps_stats(runs: list[Run], target: float) -> StepStats:
                      censored_mean=float(np.mean(censored)), steps=steps)
 
 
+def acc_stats(values) -> AccStats:
+    """Mean +- std over the finite values."""
+    finite = [v for v in values if math.isfinite(v)]
+    mean, std = mean_std(finite)
+    return AccStats(mean=mean, std=std, n=len(finite))
+
+
 def group_stats(norm: str, lr: float, runs: list[Run], thresholds) -> Group:
-    """One (norm, lr): its status counts, steps to each threshold, final test accuracy."""
-    accs = [r.final_test_acc for r in runs if math.isfinite(r.final_test_acc)]
-    acc_mean, acc_std = mean_std(accs)
+    """One (norm, lr): its status counts, steps to each validation threshold, final test and validation accuracy."""
     return Group(
         norm=norm, lr=lr, seeds=[r.seed for r in runs], runs=len(runs),
         diverged=sum(r.status == "diverged" for r in runs),
         interrupted=sum(r.status == "interrupted" for r in runs),
         steps_to={t: steps_stats(runs, t) for t in thresholds},
-        final_test_acc=AccStats(mean=acc_mean, std=acc_std, n=len(accs)),
+        final_test_acc=acc_stats([r.final_test_acc for r in runs]),
+        final_val_acc=acc_stats([r.final_val_acc for r in runs]),
     )
 
 
@@ -220,14 +233,16 @@ def speedup_ratio(base: StepStats, variant: StepStats) -> tuple[float | None, st
 
 
 def best_group(groups: list[Group], norm: str, target: float) -> Group | None:
-    """The norm's best lr: most seeds reaching the target, then fewest (censored) mean steps, then lowest lr."""
+    """The norm's best lr, chosen on validation only: most seeds reaching the validation target, then
+    fewest (censored) mean steps, then highest mean final validation accuracy (none counts lowest),
+    then lowest lr. The test accuracy never enters."""
     mine = [g for g in groups if g.norm == norm]
     if not mine:
         return None
 
     def rank(g: Group):
-        s = g.steps_to[target]
-        return (-s.reached / s.n, s.censored_mean, g.lr)
+        s, val = g.steps_to[target], g.final_val_acc.mean
+        return (-s.reached / s.n, s.censored_mean, math.inf if val is None else -val, g.lr)
 
     return min(mine, key=rank)
 

@@ -3,10 +3,12 @@
 `bnexp.report.write` puts these sections in order and adds the conclusions written from the numbers:
 
 - the header (run counts, budgets, pooled config keys);
-- per (norm, lr): steps to 90/95/97% test accuracy (bnexp.report.stats.TABLE_TARGETS) and to the target
-  (mean +- std, k/n seeds), final test acc;
-- the speed-up over none, at each lr and at each variant's best lr; custom vs native agreement;
-- a study sweep's tables per study value, BN's advantage per value, the train/eval gap;
+- per (norm, lr): steps to 90/95/97% validation accuracy (bnexp.report.stats.TABLE_TARGETS) and to the
+  target (mean +- std, k/n seeds), final test acc (the test set's one evaluation at the end of a run);
+- the speed-up over none, at each lr and at each variant's best lr (chosen on validation), with the
+  test accuracy of the chosen lr; custom vs native agreement;
+- a study sweep's tables per study value, BN's advantage per value (each norm at its best lr, chosen on
+  validation, with its test accuracy), the train/eval gap;
 - the landscape and ICS numbers per variant (runs with probes).
 """
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 from bnexp.report.stats import N_LOSS_COMPARE, AccStats, Agreement, StepStats, SweepStats, best_group
 from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study
 
+# how bnexp.report.stats.best_group chooses, as report.md says it
+BEST_LR_RULE = ("chosen on validation (most seeds reaching the target, then fewest mean steps, then highest "
+                "final validation accuracy)")
 
 # ----------------------------------------------------------------------------- numbers as text
 
@@ -73,8 +78,10 @@ def header_lines(stats: SweepStats, sweep_dir: Path, study: Study | None = None)
              f"{c.interrupted} interrupted).",
              f"- Run dirs without summary.json (not counted below): {len(c.without_summary)}"
              + "".join(f"\n  - `{p}`" for p in c.without_summary),
-             f"- Budget (train.steps): {', '.join(map(str, stats.budgets))}; test accuracy evaluated every "
-             f"{', '.join(map(str, stats.eval_every))} steps."]
+             f"- Budget (train.steps): {', '.join(map(str, stats.budgets))}; validation accuracy evaluated every "
+             f"{', '.join(map(str, stats.eval_every))} steps, the test set at the end of each run.",
+             "- Choose on validation, report on test: steps to a target, speed-ups and each norm's best lr "
+             "use the validation accuracy; the test accuracy is reported, never chosen on."]
     if study is not None:
         lines.append(f"- Study: {study.name}, runs split by `{study.key}` "
                      f"({', '.join(v.label for v in study.values)}); nothing is pooled across its values.")
@@ -87,24 +94,29 @@ def header_lines(stats: SweepStats, sweep_dir: Path, study: Study | None = None)
     return lines + [""]
 
 
+def steps_header(t: float) -> str:
+    return f"steps to {t * 100:g}% val acc"
+
+
 def group_lines(stats: SweepStats) -> list[str]:
-    """Per (norm, lr): status counts, steps to each of `stats.thresholds`, final test accuracy."""
+    """Per (norm, lr): status counts, steps to each validation threshold of `stats.thresholds`, final test accuracy."""
     ts = stats.thresholds
-    header = ["norm", "lr", "runs", "diverged", "interrupted"] + [f"steps to {t * 100:g}%" for t in ts] + ["final test acc"]
+    header = ["norm", "lr", "runs", "diverged", "interrupted"] + [steps_header(t) for t in ts] + ["final test acc"]
     rows = [[g.norm, fmt_lr(g.lr), str(g.runs), str(g.diverged), str(g.interrupted)]
             + [fmt_steps(g.steps_to[t]) for t in ts] + [fmt_acc(g.final_test_acc, g.runs)]
             for g in stats.groups]
-    intro = ("Steps to a test accuracy: mean +- sample std (ddof=1) over the seeds that reached it, then "
+    intro = ("Steps to a validation accuracy: mean +- sample std (ddof=1) over the seeds that reached it, then "
              "(k/n seeds reached); n counts every run, diverged and interrupted included. '> B (0/n)': no seed "
              "reached it; B is the mean over seeds of the budget (steps_done for an interrupted run). "
-             "Final test acc: mean +- std over runs with a finite value.")
+             "Final test acc: the test set's one evaluation at the end of each run (reported, not chosen on), "
+             "mean +- std over runs with a finite value (a run interrupted before its end has none).")
     return ["## Per (norm, lr)", "", intro, "", *_table(header, rows), ""]
 
 
 def speedup_lines(stats: SweepStats) -> list[str]:
     """The speed-up over none at the target: at each shared lr, and at each variant's own best lr."""
     t, sp = stats.target, stats.speedup
-    intro = (f"Speed-up = (mean steps for none to reach test acc >= {t:g}) / (mean steps for the variant), "
+    intro = (f"Speed-up = (mean steps for none to reach validation acc >= {t:g}) / (mean steps for the variant), "
              "means over seeds. A seed that never reached the target counts at its budget (steps_done if "
              "interrupted), which makes that mean a bound: '> x' is a lower bound (none missed the target), "
              "'< x' an upper bound (the variant missed it), 'n/a' when both missed it.")
@@ -115,10 +127,14 @@ def speedup_lines(stats: SweepStats) -> list[str]:
     rows = [[s.norm, fmt_lr(s.lr), steps[("none", s.lr)], steps[(s.norm, s.lr)], fmt_ratio(s.ratio, s.kind)]
             for s in sp.by_lr]
     lines += ["At each lr:", "", *_table(["norm", "lr", "none steps", "its steps", "speed-up"], rows), ""]
-    rows = [["none", fmt_lr(sp.none_best_lr), steps[("none", sp.none_best_lr)], "1 (reference)"]]
-    rows += [[b.norm, fmt_lr(b.lr), steps[(b.norm, b.lr)], fmt_ratio(b.ratio, b.kind)] for b in sp.best]
-    lines += ["At each variant's own best lr (most seeds reaching the target, then fewest mean steps):", "",
-              *_table(["norm", "best lr", "steps", "speed-up over none at its best lr"], rows), ""]
+    test = {(g.norm, g.lr): fmt_acc(g.final_test_acc, g.runs) for g in stats.groups}
+    rows = [["none", fmt_lr(sp.none_best_lr), steps[("none", sp.none_best_lr)], "1 (reference)",
+             test[("none", sp.none_best_lr)]]]
+    rows += [[b.norm, fmt_lr(b.lr), steps[(b.norm, b.lr)], fmt_ratio(b.ratio, b.kind), test[(b.norm, b.lr)]]
+             for b in sp.best]
+    lines += [f"At each variant's own best lr, {BEST_LR_RULE}; then the test accuracy of the chosen lr:", "",
+              *_table(["norm", "best lr", "steps", "speed-up over none at its best lr", "test acc of the chosen lr"],
+                      rows), ""]
     return lines
 
 
@@ -147,13 +163,14 @@ def study_lines(study: Study) -> list[str]:
     column = STUDY_COLUMN.get(study.name, study.key)
     first = study.values[0].stats
     t, ts = first.target, first.thresholds
-    header = [column, "norm", "lr", "runs", "diverged"] + [f"steps to {x * 100:g}%" for x in ts] + ["final test acc"]
+    header = [column, "norm", "lr", "runs", "diverged"] + [steps_header(x) for x in ts] + ["final test acc"]
     rows = [[v.label, g.norm, fmt_lr(g.lr), str(g.runs), str(g.diverged)]
             + [fmt_steps(g.steps_to[x]) for x in ts] + [fmt_acc(g.final_test_acc, g.runs)]
             for v in study.values for g in v.stats.groups]
     lines = [f"## Study: {study.name} (`{study.key}`)", "",
-             f"Per {column}, norm and lr over seeds; steps and accuracies as in the convergence report "
-             "(mean +- sample std over the seeds that reached it, (k/n) how many did).", "", *_table(header, rows), ""]
+             f"Per {column}, norm and lr over seeds; steps to a validation accuracy and the final test accuracy "
+             "as in the convergence report (mean +- sample std over the seeds that reached it, (k/n) how many "
+             "did; the test set evaluated once, at the end of each run).", "", *_table(header, rows), ""]
     lines += _advantage_lines(study, column, t)
     if study.gaps:
         lines += _gap_lines(study, column)
@@ -161,8 +178,8 @@ def study_lines(study: Study) -> list[str]:
 
 
 def _advantage_lines(study: Study, column: str, target: float) -> list[str]:
-    header = [column, "norm", "best lr", f"steps to {target:g}", "speed-up over none at their best lrs",
-              "speed-up at each shared lr"]
+    header = [column, "norm", "best lr", f"steps to {target:g} val acc", "speed-up over none at their best lrs",
+              "speed-up at each shared lr", "test acc of the chosen lr"]
     rows = []
     for v in study.values:
         sp = v.stats.speedup
@@ -174,10 +191,10 @@ def _advantage_lines(study: Study, column: str, target: float) -> list[str]:
             best = next((b for b in sp.best if b.norm == norm), None)
             ratio = "1 (reference)" if norm == "none" else ("n/a" if best is None else fmt_ratio(best.ratio, best.kind))
             rows.append([v.label, norm, fmt_lr(g.lr), fmt_steps(g.steps_to[target]), ratio,
-                         "; ".join(by_lr.get(norm, [])) or "-"])
-    intro = (f"BN's advantage per {column}: each norm at its own best lr (most seeds reaching test accuracy "
-             f"{target:g}, then fewest mean steps), and the speed-up over none at every lr both ran "
-             "('>' lower bound: none missed the target; '<' upper bound: the variant missed it).")
+                         "; ".join(by_lr.get(norm, [])) or "-", fmt_acc(g.final_test_acc, g.runs)])
+    intro = (f"BN's advantage per {column}: each norm at its own best lr, {BEST_LR_RULE} (target validation "
+             f"accuracy {target:g}), and the speed-up over none at every lr both ran ('>' lower bound: none "
+             "missed the target; '<' upper bound: the variant missed it); then the test accuracy of the chosen lr.")
     return [f"### Speed-up over none per {column} (target {target:g})", "", intro, "", *_table(header, rows), ""]
 
 

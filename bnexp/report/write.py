@@ -7,11 +7,15 @@ report.md, the CSVs (bnexp.report.export) and the seed aggregates (bnexp.report.
 report.md (`render_markdown`) is its sections in order, their tables from bnexp.report.tables, and the
 conclusions this module writes from the numbers:
 
-- `conclusion`: which variants reached the target at which lr, the speed-up of custom/native over
-  none, runs that did not complete, and whether custom matches native;
+- `conclusion`: which variants reached the validation target at which lr, the speed-up of
+  custom/native over none, the test accuracy of each norm's chosen lr, runs that did not complete,
+  and whether custom matches native;
 - `study_conclusion` (a study sweep: model.widths, train.batch_size or norm.position varies):
-  BN's speed-up and final accuracy per study value, where the train/eval gap is largest;
+  BN's speed-up and the test accuracy of the chosen lr per study value, where the train/eval gap is largest;
 - `probe_conclusion` (runs with probe.every > 0): the landscape numbers as multiples of none's, the ICS cosines.
+
+Choose on validation, report on test: every step count, speed-up and best lr is on the validation
+accuracy (bnexp.report.stats); the test accuracy appears only as what the chosen runs reached.
 
 Runs that diverged or were interrupted are counted and shown, never dropped.
 """
@@ -26,7 +30,7 @@ from bnexp.report.runs import dirs_without_summary, load_runs
 from bnexp.report.stats import (AGREE_ACC_TOL, AGREE_LOSS_TOL, N_LOSS_COMPARE, Agreement, Group, SweepStats, best_group,
                                 summarize)
 from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study, probe_quantities, probe_stats, study_stats
-from bnexp.report.tables import (agreement_lines, fmt_lr, fmt_mean_std, fmt_or_na, fmt_ratio, group_lines,
+from bnexp.report.tables import (agreement_lines, fmt_acc, fmt_lr, fmt_mean_std, fmt_or_na, fmt_ratio, group_lines,
                                  header_lines, probe_lines, speedup_lines, study_lines)
 
 
@@ -74,7 +78,7 @@ def render_markdown(stats: SweepStats, sweep_dir: Path, figures: dict[str, str],
 
 def conclusion(stats: SweepStats) -> str:
     """One paragraph written from the sweep's numbers."""
-    sentences = [_reach_sentence(stats), *_gap_sentences(stats), _best_sentence(stats),
+    sentences = [_reach_sentence(stats), *_gap_sentences(stats), _best_sentence(stats), _chosen_test_sentence(stats),
                  _status_sentence(stats), _agreement_sentence(stats.agreement)]
     return " ".join(s for s in sentences if s)
 
@@ -100,7 +104,7 @@ def _reach_sentence(stats: SweepStats) -> str:
             continue
         text = f"{norm} with every seed at lr {', '.join(full)}" if full else f"{norm} with no lr for every seed"
         parts.append(text + (f", partly at lr {', '.join(partial)}" if partial else ""))
-    return f"Within {budget} steps, test accuracy {t:g} was reached by " + "; ".join(parts) + "."
+    return f"Within {budget} steps, validation accuracy {t:g} was reached by " + "; ".join(parts) + "."
 
 
 def _gap_word(ratio: float) -> str:
@@ -135,7 +139,20 @@ def _best_sentence(stats: SweepStats) -> str | None:
     if sp.none_best_lr is None or not sp.best:
         return None
     parts = [f"{b.norm} (lr {fmt_lr(b.lr)}) {fmt_ratio(b.ratio, b.kind)}" for b in sp.best]
-    return f"Each at its own best lr, against none at lr {fmt_lr(sp.none_best_lr)}: " + ", ".join(parts) + "."
+    return (f"Each at its own best lr (chosen on validation), against none at lr {fmt_lr(sp.none_best_lr)}: "
+            + ", ".join(parts) + ".")
+
+
+def _chosen_test_sentence(stats: SweepStats) -> str | None:
+    """The test accuracy of each norm's chosen lr: reported, after the choice was made on validation."""
+    parts = []
+    for norm in dict.fromkeys(g.norm for g in stats.groups):
+        g = best_group(stats.groups, norm, stats.target)
+        parts.append(f"{norm} (lr {fmt_lr(g.lr)}) {fmt_acc(g.final_test_acc, g.runs)}")
+    if not parts:
+        return None
+    return ("Test accuracy of the chosen lrs (the test set's one evaluation at the end of each run; "
+            "not used to choose): " + ", ".join(parts) + ".")
 
 
 def _status_sentence(stats: SweepStats) -> str:
@@ -188,8 +205,8 @@ def study_conclusion(study: Study) -> str:
             if best is not None and v.stats.speedup.none_best_lr is not None:
                 parts.append(f"{v.label}: {fmt_ratio(best.ratio, best.kind)}")
         if parts:
-            sentences.append(f"Speed-up of {norm} over none to test accuracy {target:g}, each at its best lr, by "
-                             f"{column}: " + ", ".join(parts) + ".")
+            sentences.append(f"Speed-up of {norm} over none to validation accuracy {target:g}, each at its best lr, "
+                             f"by {column}: " + ", ".join(parts) + ".")
     parts = []
     for norm in dict.fromkeys(g.norm for v in study.values for g in v.stats.groups):
         accs = []
@@ -200,7 +217,8 @@ def study_conclusion(study: Study) -> str:
         if accs:
             parts.append(f"{norm} " + ", ".join(accs))
     if parts:
-        sentences.append("Final test accuracy at each norm's best lr: " + "; ".join(parts) + ".")
+        sentences.append("Test accuracy of each norm at its best lr (chosen on validation; the test set's one "
+                         "evaluation at the end of each run): " + "; ".join(parts) + ".")
     if not any(v.stats.speedup.none_best_lr is not None for v in study.values):
         sentences.append("No `none` runs: no speed-up to compute.")
     for norm in dict.fromkeys(g.norm for g in study.gaps if g.norm != "none"):  # none: 0 by construction

@@ -35,7 +35,7 @@ DOMAINS = {"norm.name": norm_names(), "optim.name": ("sgd", "adam"), "model.acti
            "device": DEVICES, "train.resume": RESUME_MODES}
 # (tag, title) in the order of the metric columns; the tab ticks the first five
 METRICS = (("test/acc", "test/acc (final)"), ("val/acc", "val/acc (final)"),
-           (STEPS_TAG, f"steps to test/acc {STEPS_TARGET:g} (NaN: never)"), ("test/loss", "test/loss (final)"),
+           (STEPS_TAG, f"steps to val/acc {STEPS_TARGET:g} (NaN: never)"), ("test/loss", "test/loss (final)"),
            ("val/loss", "val/loss (final)"))
 STATUS = {"completed": api_pb2.STATUS_SUCCESS, "diverged": api_pb2.STATUS_FAILURE}
 

@@ -57,6 +57,11 @@ def is_eval_point(step: int, t: TrainConfig) -> bool:
     return step % t.eval_every == 0 or step == t.steps
 
 
+def is_test_point(step: int, t: TrainConfig) -> bool:
+    """An evaluation that also measures the test set: the last step, and every train.test_every steps if set."""
+    return step == t.steps or (t.test_every > 0 and step % t.test_every == 0)
+
+
 def is_checkpoint_point(step: int, t: TrainConfig) -> bool:
     return step % t.checkpoint_every == 0 or step == t.steps
 
@@ -132,7 +137,7 @@ class Loop:
             fresh = [k for k in self.slots(TRAINING) if self.members[k].progress.step == 0
                      and not self.members[k].progress.evals]
             if fresh:
-                self.evaluate(fresh)
+                self.evaluate(fresh, is_test_point(0, t))
                 self.show_progress(bar)
             while self.slots(TRAINING) + self.slots(WAITING) and self.step < t.steps:
                 if not self.slots(TRAINING):  # only frozen slots until the next member's step
@@ -147,7 +152,7 @@ class Loop:
                 if self.step < end:  # a signal cut the segment
                     break
                 if is_eval_point(end, t):
-                    self.evaluate(self.slots(TRAINING))
+                    self.evaluate(self.slots(TRAINING), is_test_point(end, t))
                     self.show_progress(bar)
                 if is_checkpoint_point(end, t) and end < t.steps:  # the last one is finish's
                     self.checkpoint(self.slots(TRAINING))
@@ -221,7 +226,7 @@ class Loop:
         member = self.members[k]
         if self.state[k] == TRAINING:
             if member.status == "diverged" and member.progress.evals[-1]["step"] != member.progress.step:
-                self.evaluate([k])  # final metrics describe the model as divergence left it
+                self.evaluate([k], test=True)  # final metrics describe the model as divergence left it
             self.engine.store([k], self.members, stepped=member.progress.step > 0)
         else:  # waiting: it took no step here, so its wall time did not run
             member.wall_start = time.perf_counter() - member.progress.wall_s
@@ -232,17 +237,20 @@ class Loop:
 
     # -- boundaries ---------------------------------------------------------------------------
 
-    def evaluate(self, slots: list[int]) -> None:
-        """Measure every slot on val and test through the engine, then let each member record it."""
+    def evaluate(self, slots: list[int], test: bool) -> None:
+        """Measure every slot on the validation split (and, at a test point, the test set) through
+        the engine, then let each member record it. Choices are made on validation; the test set
+        is measured once at the end (is_test_point), so nothing is chosen on it."""
         if not slots:
             return
-        val_loss, val_acc = self.engine.measure(self.data.val_x, self.data.val_y)
-        test_loss, test_acc = self.engine.measure(self.data.test_x, self.data.test_y)
+        metrics = {}
+        metrics["val/loss"], metrics["val/acc"] = self.engine.measure(self.data.val_x, self.data.val_y)
+        if test:
+            metrics["test/loss"], metrics["test/acc"] = self.engine.measure(self.data.test_x, self.data.test_y)
         self.engine.store(slots, self.members, stepped=None)  # running stats, percentiles: its own model
         for k in slots:
             with self.logs.to(k):
-                self.members[k].record_evaluation({"val/loss": val_loss[k], "val/acc": val_acc[k],
-                                                   "test/loss": test_loss[k], "test/acc": test_acc[k]})
+                self.members[k].record_evaluation({tag: values[k] for tag, values in metrics.items()})
 
     def checkpoint(self, slots: list[int]) -> None:
         now = time.perf_counter()
@@ -266,7 +274,7 @@ class Loop:
         if bar is not None:
             p = self.members[0].progress
             rate = p.step / p.train_s if p.train_s > 0 else float("nan")
-            bar.update(p.step, p.last_train_loss, p.evals[-1]["test/acc"], rate)
+            bar.update(p.step, p.last_train_loss, p.evals[-1]["val/acc"], rate)
         elif training and self.step > self.first_step:
             train_s = self.members[training[0]].progress.train_s
             log.info("group of %d: step %d/%d, %d training, %d finished, %.0f model-steps/s",

@@ -136,7 +136,7 @@ class Monitor:
                 self.scalar("train/loss", value, step)
 
     def evaluation(self, step: int, metrics: dict[str, float], lr: float) -> None:
-        """val/test loss and accuracy, and the learning rate."""
+        """Validation (and, at test points, test) loss and accuracy, and the learning rate."""
         for tag, value in metrics.items():
             self.scalar(tag, value, step)
         self.scalar("lr", lr, step)
@@ -186,9 +186,9 @@ class Monitor:
 
     def run_end(self, summary: dict[str, Any]) -> None:
         """At the end of a completed or diverged run: steps to STEPS_TARGET as a scalar (NaN when
-        never reached) and the run's HParams entry, whose metrics are its last test/acc, val/acc,
-        steps to the target, test/loss, val/loss (bnexp/run/hparams.py)."""
-        reached = summary["steps_to_test_acc"].get(f"{STEPS_TARGET:.2f}")
+        never reached) and the run's HParams entry, whose metrics are its final test/acc, val/acc,
+        steps to the target (on val/acc), test/loss, val/loss (bnexp/run/hparams.py)."""
+        reached = summary["steps_to_val_acc"].get(f"{STEPS_TARGET:.2f}")
         step = summary["steps_done"] if summary["steps_done"] is not None else 0
         self.scalar(STEPS_TAG, math.nan if reached is None else reached, step)
         for part in hparams_summaries(summary["config"], summary["status"], summary["wall_s"]):

@@ -4,7 +4,7 @@ The bar moves between evaluations without touching the device: the training loop
 `tick(step)` after every step with the step count it already holds on the host, and the bar
 redraws when REFRESH_S has passed (one clock read per step, a tiny fraction of a step; measured:
 docs/results/measurements.md#progress-bar).
-The loss and the test accuracy change only at evaluations, the run's sync points; a value not
+The loss and the validation accuracy change only at evaluations, the run's sync points; a value not
 measured yet is left out of the bar (and written as "-" in the log line), never shown as nan.
 """
 
@@ -54,17 +54,17 @@ class ProgressBar:
             self.next_draw = now + REFRESH_S
             self.bar.update(step - self.bar.n)
 
-    def update(self, step: int, train_loss: float, test_acc: float, steps_per_s: float) -> None:
+    def update(self, step: int, train_loss: float, val_acc: float, steps_per_s: float) -> None:
         """At an evaluation: the step and the values measured so far (nan = not yet)."""
-        loss, acc, rate = shown(train_loss, ".4f"), shown(test_acc, ".4f"), shown(steps_per_s, ".0f")
+        loss, acc, rate = shown(train_loss, ".4f"), shown(val_acc, ".4f"), shown(steps_per_s, ".0f")
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             # tqdm's own step/s is the live rate; the postfix carries what only an evaluation knows
-            fields = {"loss": loss, "test_acc": acc}
+            fields = {"loss": loss, "val_acc": acc}
             self.bar.set_postfix({k: v for k, v in fields.items() if v is not None})
             self.next_draw = time.perf_counter() + REFRESH_S
         elif not self.quiet:
-            log.info("step %d/%d  train_loss %s  test_acc %s  %s steps/s",
+            log.info("step %d/%d  train_loss %s  val_acc %s  %s steps/s",
                      step, self.total, loss or "-", acc or "-", rate or "-")
 
     def close(self) -> None:

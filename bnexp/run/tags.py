@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-STEPS_TARGET = 0.95  # the test accuracy whose step count is logged as a scalar and an HParams metric
+STEPS_TARGET = 0.95  # the validation accuracy whose step count is logged as a scalar and an HParams metric
 STEPS_TAG = f"summary/steps_to_{STEPS_TARGET:.2f}"
 EVAL_TAGS = ("val/loss", "val/acc", "test/loss", "test/acc")
 BN_STATS = ("running_mean", "running_var")
@@ -40,9 +40,12 @@ _FIXED = {
                   "A NaN or inf ends the run as diverged.",
     "val/loss": f"Mean cross-entropy on the held-out validation images, {_EVAL}. "
                 "Rising while train/loss falls means overfitting.",
-    "val/acc": f"Accuracy on the held-out validation images, {_EVAL}; the sweep objective.",
-    "test/loss": f"Mean cross-entropy on the 10,000 test images, {_EVAL}.",
-    "test/acc": f"Accuracy on the 10,000 test images, {_EVAL}; steps to 90/95/97% count from it.",
+    "val/acc": f"Accuracy on the held-out validation images, {_EVAL}; the sweep objective, and "
+               "steps to 90/95/97/98% count from it: every choice is made on validation.",
+    "test/loss": "Mean cross-entropy on the 10,000 test images, once at the end of the run (and every "
+                 "train.test_every steps if set), eval mode: reported, never chosen on.",
+    "test/acc": "Accuracy on the 10,000 test images, once at the end of the run (and every "
+                "train.test_every steps if set), eval mode: reported, never chosen on.",
     "lr": "The optimizer's learning rate at each evaluation.",
     "test/acc_train_mode": "Accuracy on the test images with BN in train mode: chunks of train.batch_size "
                            "images, each normalized by its own batch statistics. The gap to test/acc "
@@ -55,7 +58,7 @@ _FIXED = {
                          "gradient along the gradient step. Smaller = the gradient stays a good guide.",
     "probe/beta": "Effective beta-smoothness (Santurkar Fig. 4c): the largest gradient change per unit "
                   "of step length along the gradient. Smaller = smoother loss.",
-    STEPS_TAG: f"First evaluated step with test/acc >= {STEPS_TARGET:g}, written once at the end of "
+    STEPS_TAG: f"First evaluated step with val/acc >= {STEPS_TARGET:g}, written once at the end of "
                "the run; NaN when the run never got there.",
 }
 _PATTERNS = (
