@@ -84,6 +84,14 @@ def sweep(tree: Path, launcher: str, quick: bool) -> float:
     return wall
 
 
+def cpu_model() -> str:
+    """scripts/bench.py's CPU model name (its import loads torch: done once, at the end)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import cpu_model as model
+
+    return model()
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,7 +138,7 @@ def main(argv=None) -> dict:
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     result = {"against": args.against, "this": args.this or f"working tree at {head}",
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                           "python": platform.python_version()},
               "repeats": args.repeats, "quick": args.quick, "rows": rows}
     for row in rows:
