@@ -219,7 +219,8 @@ def resolve_data_root(root: str) -> Path:
 def flatten(cfg: Config | DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     """Flatten a config to {"a.b": value}; lists become strings (TensorBoard hparams need scalars).
 
-    A Config goes through dataclasses.asdict (0.08 ms), not OmegaConf.structured (34 ms, paid for
+    A Config goes through dataclasses.asdict, not OmegaConf.structured (hundreds of times slower,
+    docs/results/measurements.md#config-flatten; paid for
     every job of a batched sweep and twice for every member of a group)."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)

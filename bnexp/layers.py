@@ -57,8 +57,8 @@ def forward_formulas(x: Tensor, weight: Tensor | None, bias: Tensor | None, n, e
         centered = x - mean
     inv_std = torch.rsqrt(var + eps)
     # y = weight * x_hat + bias with x_hat = centered * inv_std, in one pass over the values
-    # (addcmul(b, t, s) is b + t * s): x_hat is never stored, which saves 1.0% of a training
-    # step against writing the formula op by op (see "speed" below for how that is counted)
+    # (addcmul(b, t, s) is b + t * s): x_hat is never stored, which saves a share of a training
+    # step against writing the formula op by op (docs/results/measurements.md#batch-norm-layer-speed)
     scale = inv_std if weight is None else weight * inv_std
     y = centered * scale if bias is None else torch.addcmul(bias, centered, scale)
     return y, centered, inv_std, mean, var
@@ -122,8 +122,8 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
 
 
 # ----------------------------------------------------------------------------- speed
-# The harness normalizes batches of 60 x 100, where a tensor op takes 1-3 us whatever its
-# size: the layer's cost is per call, not per value. The two tricks below earn their place
+# The harness normalizes batches of 60 x 100, where a tensor op takes microseconds whatever
+# its size (docs/results/measurements.md#batch-norm-layer-speed): the layer's cost is per call, not per value. The two tricks below earn their place
 # there; each gain is the share of a training step of the default MLP (3 layers) that it
 # saves, in instructions counted with valgrind's callgrind (which load from other processes
 # does not disturb). Large inputs are the job of CompiledBatchNorm1d (bnexp/nn/compiled.py).
@@ -133,8 +133,9 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
 def _constants(n: int, eps: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
     """n, eps and n / (n - 1) as 0-dim tensors in the input's dtype, made once per batch size.
 
-    A Python number in a tensor op is wrapped into a new tensor on every call (~2 us here,
-    as long as a small op itself); those conversions cost 2.3% of a training step. The
+    A Python number in a tensor op is wrapped into a new tensor on every call (as long as a
+    small op itself); those conversions cost a share of a training step
+    (docs/results/measurements.md#batch-norm-layer-speed). The
     tensors are read-only: nothing writes into them. n / (n - 1) is NaN for n = 1, where
     only evaluation is allowed (and does not use it).
     """
@@ -145,7 +146,7 @@ def _constants(n: int, eps: float, dtype: torch.dtype, device: torch.device) -> 
 
 # once_differentiable makes differentiating the gradient an error instead of a silent wrong
 # value (the saved tensors are constants to autograd). Its wrapper (a no_grad block around
-# the call) costs 0.9% of a training step, and it is needed only when backward itself is
+# the call) costs a share of a training step (docs/results/measurements.md#batch-norm-layer-speed), and it is needed only when backward itself is
 # recorded (create_graph=True): BatchNormFunction.backward uses it only then.
 _backward_once = once_differentiable(_backward)
 

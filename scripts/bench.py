@@ -9,7 +9,7 @@ training loop vs a pytorch/examples-style DataLoader pipeline.
     python scripts/bench.py --quick --out /tmp/bench.json    # tiny sizes, few repeats (smoke test)
     python scripts/bench.py --sections layer --steady-malloc # freed memory stays mapped: no page faults
     python scripts/bench.py --sections norms                 # LayerNorm, GroupNorm, BatchRenorm1d vs torch's
-    python scripts/bench.py --sections threads load --repeats 3   # threads under load: quiet machine, ~15 min
+    python scripts/bench.py --sections threads load --repeats 3   # threads under load: quiet machine, many minutes
     python scripts/bench.py --sections sweep                 # experiment=convergence: batched vs joblib launcher
     python scripts/bench.py --sections sweep --quick         # the same, tiny budgets (smoke test)
 
@@ -23,9 +23,9 @@ median over repeats, a ratio the median of the per-repeat custom/native ratios. 
 < 1 mean ours is faster. On a shared machine rerun when the load average (printed) is high.
 
 Page faults: glibc's malloc hands large blocks (MBs) back to the kernel when they are freed
-and the next allocation of that size touches fresh pages, ~1 us per 4 KB page: up to half of a
-large-shape step, native's as much as ours, and it varies with the order of earlier
-allocations (hence runs that differ by 2x). The layer rows count minor faults per call;
+and the next allocation of that size touches fresh pages: a large share of a large-shape
+step, native's as much as ours, varying with the order of earlier allocations, so runs differ
+widely (docs/results/measurements.md#bench-script). The layer rows count minor faults per call;
 --steady-malloc sets mallopt so freed memory stays mapped, which leaves only the compute.
 
 Threads under load (not in the default sections: they need a quiet machine and take minutes).

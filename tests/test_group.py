@@ -257,7 +257,7 @@ def test_probes_noise_and_placement_in_a_group_match_solo_runs(tiny_mnist, tmp_p
 CONVERGENCE_LRS = (0.1, 0.3, 1.0, 3.0, 10.0)  # experiment=convergence's rates
 
 
-@pytest.mark.slow  # ~40 s a norm; norm=none is the same group code without the BN layers
+@pytest.mark.slow  # the time: docs/results/measurements.md#test-timings; norm=none is the same group code without the BN layers
 @pytest.mark.parametrize("norm", ["custom", "native"])
 def test_real_mnist_group_of_the_convergence_rates_matches_solo_runs(tmp_path, norm):
     """The default MLP on real MNIST, 2,000 steps, one group of the five convergence rates against

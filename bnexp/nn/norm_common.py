@@ -64,11 +64,11 @@ def _as_int(value) -> int | None:
 
 
 # ----------------------------------------------------------------------------- speed
-# At the harness's 60 x 100 batches a tensor op costs 1-3 us whatever its size, so the cost
-# is per call. The one trick kept (bnexp/layers.py's): a Python number in a tensor op is
-# wrapped into a new tensor on every call, ~1.5-3 us each here (x + 1e-5 takes 4.5 us, x + t
-# with a 0-dim tensor t 1.6 us); the counts and eps are made tensors once. For the same
-# reason the means are sum / m rather than .mean() (4.7 us against 2.3 + 1.2 us).
+# At the harness's 60 x 100 batches a tensor op costs microseconds whatever its size, so the
+# cost is per call. The one trick kept (bnexp/layers.py's): a Python number in a tensor op is
+# wrapped into a new tensor on every call; the counts and eps are made tensors once. For the
+# same reason the means are sum / m rather than .mean() (the figures:
+# docs/results/measurements.md#batch-norm-layer-speed).
 
 
 @functools.lru_cache(maxsize=64)

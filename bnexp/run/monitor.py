@@ -107,7 +107,7 @@ class Monitor:
     """
 
     def __init__(self, run_dir: Path, purge_step: int | None = None):
-        crc32c.install()  # the records' checksums with numpy: ~8 ms less per evaluation (crc32c.py)
+        crc32c.install()  # the records' checksums with numpy, faster than TensorBoard's (docs/results/measurements.md#crc32c)
         self.writer = RunWriter(log_dir=str(run_dir), purge_step=purge_step)
         self.described: set[str] = set()  # tags whose first event (with the description) is written
 
@@ -128,7 +128,7 @@ class Monitor:
         """Write a segment's per-step losses in bulk: values[i] belongs to step first_step + i.
 
         The loop keeps them on the device and syncs once per segment (bnexp.run.loop.Loop.run_segment):
-        a sync and add_scalar on every step cost ~20% of throughput.
+        a sync and add_scalar on every step cost a large share of throughput (docs/results/measurements.md#logging-cost).
         """
         for i, value in enumerate(values):
             step = first_step + i
@@ -157,7 +157,7 @@ class Monitor:
     def activations(self, step: int, model: torch.nn.Module, probe: torch.Tensor) -> None:
         """15/50/85th percentiles of each hidden layer's nonlinearity input on the probe batch,
         pooled over units and samples (model in eval mode, as evaluated). No histogram of them:
-        at ~15 ms per layer it was the largest logging cost of a run."""
+        it was the largest logging cost of a run (docs/results/measurements.md#logging-cost)."""
         was_training = model.training
         model.eval()
         preacts = model.preactivations(probe)
@@ -205,9 +205,10 @@ def nanquantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """torch.nanquantile(values.flatten(), q) (linear interpolation, NaNs left out), bit for bit:
     NaN where every value is NaN.
 
-    torch sorts with a generic single-threaded sort (~5 ms for the 100,000 pre-activations of
-    a layer on the probe batch: three of these per evaluation were the largest logging cost
-    of a batched group); numpy's sort is vectorized (~0.6 ms). The interpolation is torch's:
+    torch sorts with a generic single-threaded sort (the 100,000 pre-activations of a layer on
+    the probe batch: three of these per evaluation were the largest logging cost of a batched
+    group); numpy's sort is vectorized and several times faster (docs/results/measurements.md#logging-cost). The
+    interpolation is torch's:
     rank = q * (n - 1) in float64, then a float32 lerp between the values either side of it.
     """
     ordered = np.sort(values.detach().float().flatten().cpu().numpy())  # NaNs sort last

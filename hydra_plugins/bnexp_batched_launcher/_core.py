@@ -99,8 +99,9 @@ _PREPARING = None  # the launcher, for prepare's forked processes (they inherit 
 def prepare_all(launcher, jobs: list[tuple[int, list[str]]]) -> list[Job]:
     """`prepare` for every (index, overrides), in job order; a bad value raises ConfigError.
 
-    Hydra composes each job's config anew (re-reading every YAML file): ~0.25 s a job on the
-    2-core Xeon, 20 s for the 75 jobs of experiment=convergence, before any group could start.
+    Hydra composes each job's config anew (re-reading every YAML file): a quarter of a second a
+    job, many seconds for the 75 jobs of experiment=convergence, before any group could start
+    (docs/results/measurements.md#batched-launcher-start-up).
     When the groups may run in worker processes (n_jobs > 1), the jobs are prepared in one
     forked process per core (no group of this batch has started yet). A fork is safe even where
     this process trained before (a batch of one group runs here): the children only compose and
@@ -307,9 +308,9 @@ def _worker_context():
     """Worker processes forked from a multiprocessing fork server that has imported torch, bnexp
     and torch._dynamo (which torch.optim imports on first use) once for the whole sweep.
 
-    A fresh Python process per group paid those imports each time: 5.7-6.6 s on the 2-core Xeon,
-    more than a group of 13 convergence runs spends on its first 300 steps; a fork of the
-    server is ready in ~0.02 s. Forked from the server, not from this process: this one may
+    A fresh Python process per group paid those imports each time, seconds, more than a group
+    of 13 convergence runs spends on its first 300 steps; a fork of the server is ready in a
+    fraction of that (docs/results/measurements.md#batched-launcher-start-up). Forked from the server, not from this process: this one may
     have touched OpenMP, which does not survive a fork. A worker watches this process and
     stops when it dies (bnexp.jobs.workers._stop_with_launcher). Where there is no fork server
     (Windows), each worker is a fresh process that imports everything itself.
@@ -323,8 +324,8 @@ def _worker_context():
 
 def start_early(launcher) -> None:
     """From the launcher's setup: start the workers' fork server before Hydra's sweeper
-    composes every job's config to validate it (~12 s for 75 jobs on the 2-core Xeon), so
-    that its imports (~5 s) run on another core meanwhile instead of delaying the first group."""
+    composes every job's config to validate it (seconds for 75 jobs), so that its imports run
+    on another core meanwhile instead of delaying the first group (docs/results/measurements.md#batched-launcher-start-up)."""
     if _processes(launcher) > 1 and _worker_context().get_start_method() == "forkserver":
         multiprocessing.forkserver.ensure_running()
 
