@@ -13,7 +13,7 @@ def make_run(sweep, rel, status="completed", steps_to=None, final_acc=0.96):
     """A Run as the writer leaves it: val/acc at every evaluation, test/acc once at the end; an
     interrupted run has no test numbers (null)."""
     config = {"name": "t", "norm.name": "custom", "optim.lr": 0.1, "model.widths": "[100, 100]",
-              "data.normalize": True, "seed": 0}
+              "data.normalize": True, "seed": 0, "data.root": "/home/someone/bnexp/data"}
     tested = status != "interrupted"
     summary = {"status": status, "norm": "custom", "seed": 0, "steps_done": 20,
                "diverged_at_step": 20 if status == "diverged" else None,
@@ -55,6 +55,7 @@ def test_runs_csv_one_row_per_run_with_config_status_finals_and_thresholds(tmp_p
     assert float(b["final_test_acc"]) == 0.95 and math.isnan(float(b["final_test_loss"]))
     assert (float(b["final_val_acc"]), float(b["final_val_loss"])) == (0.96, 0.125)
     assert (c["final_test_acc"], c["final_test_loss"], c["final_val_acc"]) == ("", "", "0.96")  # never tested
+    assert "data.root" not in b  # published tables hold no path of the machine that made them
 
 
 def test_curves_csv_is_tidy_and_exact_for_float32(tmp_path):

@@ -1,6 +1,7 @@
 """A sweep as two tidy CSV tables, for pandas, R or a spreadsheet (`pandas.read_csv(path)`, no options).
 
-- runs.csv: one row per run: `run` (its dir relative to the sweep dir), every config key,
+- runs.csv: one row per run: `run` (its dir relative to the sweep dir), every config key but
+  the machine's paths (`data.root`: published tables hold no path of the machine that made them),
   `status`, `steps_done`, `diverged_at_step`, the final metrics (`final_train_loss`,
   `final_val_acc`, `final_val_loss`, `final_test_acc`, `final_test_loss` always, in that order,
   then any others a summary has, e.g. `final_test_acc_train_mode`), the steps to each validation
@@ -27,6 +28,7 @@ RESULT_COLUMNS = ("status", "steps_done", "diverged_at_step")
 FINAL_KEYS = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")
 STEPS_KEY = "steps_to_val_acc"  # summary.json's steps to each validation accuracy: steps_to_val_acc_<t> columns
 TIMING_COLUMNS = ("wall_s", "train_steps_per_s")
+MACHINE_KEYS = ("data.root",)  # a path of the machine that ran the sweep, not part of the experiment
 
 
 def run_id(run: Run, sweep_dir) -> str:
@@ -45,7 +47,7 @@ def _thresholds(runs: list[Run]) -> list[str]:
 
 def runs_table(runs: list[Run], sweep_dir) -> tuple[list[str], list[dict]]:
     """(header, rows) of runs.csv."""
-    config_keys = list(dict.fromkeys(k for r in runs for k in r.config))
+    config_keys = list(dict.fromkeys(k for r in runs for k in r.config if k not in MACHINE_KEYS))
     final_keys = list(dict.fromkeys([*FINAL_KEYS, *(k for r in runs for k in (r.summary.get("final") or {}))]))
     thresholds = _thresholds(runs)
     header = ["run", *config_keys, *RESULT_COLUMNS, *(f"final_{k}" for k in final_keys),
