@@ -25,9 +25,7 @@ import functools
 import operator
 
 import torch
-from torch import Tensor, nn
-
-__all__ = ["autograd_forward"]
+from torch import Tensor
 
 
 def _set_moments(x: Tensor, dim: int, m, eps) -> tuple[Tensor, Tensor]:

@@ -208,11 +208,10 @@ class StackedMLP(nn.Module):
 
     def __init__(self, members: int, template: nn.Module, stack_norm):
         super().__init__()
-        stack = stack_norm
         self.size, self.classes = members, template.head.out_features
         self.widths = [layer.linear.out_features for layer in template.hidden]
         self.hidden = nn.ModuleList(
-            StackedHiddenLayer(members, layer, stack(members, layer.linear.out_features))
+            StackedHiddenLayer(members, layer, stack_norm(members, layer.linear.out_features))
             for layer in template.hidden)
         self.head = StackedLinear(members, template.head)
 
