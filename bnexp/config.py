@@ -25,6 +25,7 @@ POSITIONS = ("before", "after")  # norm.position: where the norm sits relative t
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 DEVICES = ("auto", "cpu", "cuda")
 RESUME_MODES = ("auto", "never")
+EVAL_SCHEDULES = ("linear", "log")  # bnexp/run/schedule.py
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,6 +77,7 @@ class TrainConfig:
     steps: int = 5000
     batch_size: int = 60
     eval_every: int = 500
+    eval_schedule: str = "linear"  # linear: every eval_every steps | log: as many, evenly in log(step) (bnexp/run/schedule.py)
     log_every: int = 1
     checkpoint_every: int = 1000
     test_every: int = 0  # 0: the test set once, at the end; k: also every k steps (a multiple of eval_every)
@@ -167,6 +169,8 @@ def validate(cfg: Config) -> None:
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     _require(t.test_every >= 0 and t.test_every % t.eval_every == 0, "train.test_every", t.test_every,
              f"0 (the test set only at the end) or a multiple of train.eval_every={t.eval_every}")
+    _require(t.eval_schedule in EVAL_SCHEDULES, "train.eval_schedule", t.eval_schedule,
+             f"one of {', '.join(EVAL_SCHEDULES)}")
     _require(t.resume in RESUME_MODES, "train.resume", t.resume, f"one of {', '.join(RESUME_MODES)}")
     _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
     _require(cfg.threads == "auto" or (str(cfg.threads).isdigit() and int(cfg.threads) >= 1),

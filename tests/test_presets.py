@@ -5,6 +5,7 @@ shrunk: steps, evaluation and checkpoint periods, and the data, which is the tin
 """
 
 import pytest
+from omegaconf import OmegaConf
 
 from bnexp.config import flatten, to_config
 from bnexp.run.loop import train
@@ -27,10 +28,13 @@ def test_every_experiment_preset_runs(preset, tiny_mnist, tmp_path):
     4 steps with 3 evaluations and 2 checkpoints, and keeps every value of its own but the shrunk
     ones. In process, as one run: the preset's launcher is composed but launches nothing."""
     own = flatten(to_config(compose_config([f"experiment={preset}"])))
+    raw = compose_config([f"experiment={preset}"])
+    derived = {k for k in own if "." in k and OmegaConf.is_interpolation(OmegaConf.select(raw, k.rsplit(".", 1)[0]),
+                                                                         k.rsplit(".", 1)[1])}
     shrink = [f"{key}={value}" for key, value in SHRINK.items()]
     cfg = to_config(compose_config([f"experiment={preset}", f"data.root={tiny_mnist}", *shrink]))
     summary = train(cfg, tmp_path, progress="quiet")
     assert summary["status"] == "completed" and summary["steps_done"] == 4
     assert summary["config"]["name"] == preset
-    assert {k for k, v in own.items() if summary["config"][k] != v} <= {*SHRINK, "data.root"}
+    assert {k for k, v in own.items() if summary["config"][k] != v} <= {*SHRINK, "data.root", *derived}
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "model.pt").exists()

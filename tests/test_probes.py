@@ -192,11 +192,16 @@ def test_probes_leave_training_bitwise_unchanged(tiny_mnist, tmp_path, norm, opt
 
 
 def test_train_mode_accuracy_is_logged_and_summarized(tiny_mnist, tmp_path):
-    """probe.train_mode_acc: test/acc_train_mode at every evaluation and final.test_acc_train_mode."""
+    """probe.train_mode_acc: test/acc_train_mode where the test set is measured (the end, and
+    every train.test_every steps if set), and final.test_acc_train_mode."""
     summary = train(tiny_config(tiny_mnist, "probe.train_mode_acc=true"), tmp_path, progress="quiet")
     acc = read_scalars(tmp_path)
     values = acc.Scalars("test/acc_train_mode")
-    assert [e.step for e in values] == [0, 20, 40, 60]
+    assert [e.step for e in values] == [e.step for e in acc.Scalars("test/acc")] == [60]
+    more = train(tiny_config(tiny_mnist, "probe.train_mode_acc=true", "train.test_every=40"), tmp_path / "more",
+                 progress="quiet")
+    assert [e.step for e in read_scalars(tmp_path / "more").Scalars("test/acc_train_mode")] == [0, 40, 60]
+    assert more["final"]["test_acc_train_mode"] == summary["final"]["test_acc_train_mode"]
     assert summary["final"]["test_acc_train_mode"] == pytest.approx(values[-1].value)
     assert 0.3 < summary["final"]["test_acc_train_mode"] <= 1
 

@@ -34,12 +34,20 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("bnexp.jobs.run_name", run_name)
     if not OmegaConf.has_resolver("bnexp.sqrt_scaled"):
         OmegaConf.register_new_resolver("bnexp.sqrt_scaled", sqrt_scaled)
+    if not OmegaConf.has_resolver("bnexp.ceil_div"):
+        OmegaConf.register_new_resolver("bnexp.ceil_div", ceil_div)
 
 
 def sqrt_scaled(base: float, batch_size: int, reference: int) -> float:
     """base * sqrt(batch_size / reference), rounded to 6 significant digits: the square-root lr rule
     of conf/experiment/batch_size.yaml (`${bnexp.sqrt_scaled:1.0,${train.batch_size},60}`)."""
     return float(f"{float(base) * math.sqrt(int(batch_size) / int(reference)):.6g}")
+
+
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for integers: the steps that show `a` images in batches of `b`
+    (conf/experiment/batch_size_data.yaml: `${bnexp.ceil_div:100000,${train.batch_size}}`)."""
+    return -(-int(a) // int(b))
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bnexp.report.runs import Run
 
-RESULT_COLUMNS = ("status", "steps_done", "diverged_at_step")
+RESULT_COLUMNS = ("status", "steps_done", "diverged_at_step", "mean_val_err")
 # summary.json's `final` keys, as final_<key> columns in this order even where a summary lacks one
 # (final.test_* are null for a run interrupted before its end, whose test set was never evaluated)
 FINAL_KEYS = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")

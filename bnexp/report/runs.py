@@ -86,6 +86,20 @@ class Run:
         """Validation accuracy at the last evaluation (what ties between choices are broken by); NaN if none."""
         return self._final("val_acc")
 
+    @property
+    def mean_val_err(self) -> float:
+        """The average validation error over the run (summary.json's area under the curve); NaN if none."""
+        value = self.summary.get("mean_val_err")
+        return float("nan") if value is None else float(value)
+
+    @property
+    def steps_before(self) -> dict[int, int]:
+        """Each evaluated step -> the evaluation before it, from the val/acc curve (empty without it)."""
+        if STEPS_CURVE not in self.curves:
+            return {}
+        steps = [int(s) for s in self.curves[STEPS_CURVE][0]]
+        return dict(zip(steps[1:], steps[:-1]))
+
     def steps_to(self, target: float) -> int | None:
         """First evaluated step with validation acc >= target, or None: from summary.json, else the val/acc curve."""
         for key, steps in (self.summary[STEPS_KEY] or {}).items():

@@ -1,7 +1,7 @@
 """The training loop: K runs from their configs to summary.json; a solo run is K = 1.
 
 A run is a sequence of *segments*: stretches of training steps between two *boundaries*
-(multiples of eval_every or checkpoint_every, and the last step). Inside a segment nothing
+(evaluations, multiples of checkpoint_every and the last step: bnexp/run/schedule.py). Inside a segment nothing
 touches the host: losses stay on the device. At a boundary the losses are written to
 TensorBoard in bulk, divergence is checked, and the runs evaluate and/or checkpoint. A resumed
 run restarts at its checkpoint (a boundary, or the step a signal stopped it at) with the same
@@ -24,46 +24,24 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from bnexp.run.checkpoint import CheckpointError
-from bnexp.config import Config, ConfigError, TrainConfig
+from bnexp.config import Config, ConfigError
 from bnexp.run.data import DataError
 from bnexp.run.progress import ProgressBar
 from bnexp.run.engine import SoloEngine, StackedEngine
 from bnexp.run.member import Member, Outcome
 from bnexp.run.signals import RunInterrupted, StopFlag
 from bnexp.run.runtime import set_threads
+from bnexp.run.schedule import is_checkpoint_point, is_eval_point, is_test_point, segment_ends
 
 log = logging.getLogger("bnexp.run")
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)  # one line for the user, no traceback
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 TRAINING, WAITING, DONE = "training", "waiting", "done"
-
-
-def segment_ends(start: int, t: TrainConfig) -> Iterator[int]:
-    """The boundaries after step `start`, in order: multiples of eval_every or checkpoint_every, and the last step."""
-    step = start
-    while step < t.steps:
-        step = min((step // t.eval_every + 1) * t.eval_every,
-                   (step // t.checkpoint_every + 1) * t.checkpoint_every, t.steps)
-        yield step
-
-
-def is_eval_point(step: int, t: TrainConfig) -> bool:
-    return step % t.eval_every == 0 or step == t.steps
-
-
-def is_test_point(step: int, t: TrainConfig) -> bool:
-    """An evaluation that also measures the test set: the last step, and every train.test_every steps if set."""
-    return step == t.steps or (t.test_every > 0 and step % t.test_every == 0)
-
-
-def is_checkpoint_point(step: int, t: TrainConfig) -> bool:
-    return step % t.checkpoint_every == 0 or step == t.steps
 
 
 @dataclass

@@ -140,7 +140,10 @@ class Member:
         member's own model (train-mode accuracy, running statistics, activation percentiles)."""
         step = self.progress.step
         record = {"step": step, **metrics}
-        if self.cfg.probe.train_mode_acc:  # BN's train/eval gap: the test set with batch statistics
+        # BN's train/eval gap: the test set with batch statistics, wherever the test set is measured
+        # (once, at the end, unless train.test_every asks for more). Cost: one pass per batch of
+        # train.batch_size on this member's own model, 5,000 passes at batch 2.
+        if self.cfg.probe.train_mode_acc and "test/acc" in metrics:
             record["test/acc_train_mode"] = train_mode_accuracy(
                 self.model, self.data.test_x, self.data.test_y, self.cfg.train.batch_size)
         self.monitor.evaluation(step, {k: v for k, v in record.items() if k != "step"}, self.lr)

@@ -4,13 +4,16 @@ The contract (docs/design.md#summaryjson): status is decided by `run_status` and
 `steps_to_val_acc[t]` is the first evaluated step whose validation accuracy reached t, else
 None (every choice is made on validation); `final.test_*` come from the one evaluation of the
 test set at the end of the run (None for a run interrupted before its end);
-`train_steps_per_s` is training steps over the seconds spent in them (evaluation excluded).
+`mean_val_err` is the average validation error over steps 0..budget (an area under the curve,
+bnexp/run/schedule.py); `train_steps_per_s` is training steps over the seconds spent in them (evaluation excluded).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, get_args
+
+from bnexp.run.schedule import mean_val_err
 
 STEPS_TO_VAL_ACC_KEYS = ("0.90", "0.95", "0.97", "0.98")  # the keys of steps_to_val_acc: validation accuracies, as written
 Status = Literal["completed", "diverged", "interrupted"]
@@ -34,6 +37,7 @@ class Summary(TypedDict):
     diverged_at_step: int | None
     final: Final
     steps_to_val_acc: dict[str, int | None]  # keyed by STEPS_TO_VAL_ACC_KEYS
+    mean_val_err: float | None  # area under the validation-error curve / budget (bnexp/run/schedule.py)
     wall_s: float
     train_steps_per_s: float | None
     config: dict[str, Any]  # the flattened config
@@ -86,6 +90,7 @@ def run_summary(p: Progress, norm: str, seed: int, steps: int, config: dict[str,
         "diverged_at_step": p.diverged_at_step,
         "final": final,
         "steps_to_val_acc": steps_to_val_acc(p.evals),
+        "mean_val_err": mean_val_err(p.evals, steps, status == "diverged"),
         "wall_s": round(p.wall_s, 3),
         "train_steps_per_s": round(p.step / p.train_s, 1) if p.train_s > 0 else None,
         "config": config,

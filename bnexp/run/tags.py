@@ -47,7 +47,7 @@ _FIXED = {
     "test/acc": "Accuracy on the 10,000 test images, once at the end of the run (and every "
                 "train.test_every steps if set), eval mode: reported, never chosen on.",
     "lr": "The optimizer's learning rate at each evaluation.",
-    "test/acc_train_mode": "Accuracy on the test images with BN in train mode: chunks of train.batch_size "
+    "test/acc_train_mode": "Accuracy on the test images with BN in train mode, where test/acc is measured: chunks of train.batch_size "
                            "images, each normalized by its own batch statistics. The gap to test/acc "
                            "is what switching to the running statistics costs or gains.",
     "probe/loss_min": "Santurkar et al. 2018 Fig. 4a: the lowest loss on this step's batch along the "
