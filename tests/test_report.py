@@ -26,6 +26,10 @@ from bnexp.report import stats
 
 from bnexp.report import runs as swp
 from bnexp.report import write as rep
+from bnexp.report.stats import mean_std
+from bnexp.report import tables
+from bnexp.report.tables import fmt_mean_std
+from bnexp.run.schedule import mean_val_err
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET, EVAL_EVERY, N_LOSS = 1000, 100, 150
@@ -62,6 +66,8 @@ def write_run(sweep, rel, norm, lr, seed, steps_to, final_acc, status="completed
         "final": {"train_loss": 0.1, "val_acc": final_val, "val_loss": 0.25, "test_acc": test_acc,
                   "test_loss": None if test_acc is None else 0.2},
         "steps_to_val_acc": {"0.90": s90, "0.95": s95, "0.97": s97, "0.98": None},
+        "mean_val_err": mean_val_err([{"step": int(a), "val/acc": float(b)} for a, b in zip(steps, val)], BUDGET,
+                                     status == "diverged"),
         "wall_s": 1.0, "train_steps_per_s": 1000.0,
         "config": {"name": name, "norm.name": norm, "optim.name": "sgd", "optim.lr": lr, "seed": seed,
                    "train.steps": BUDGET, "train.batch_size": 60, "train.eval_every": EVAL_EVERY,
@@ -239,15 +245,23 @@ def test_best_lr_ties_are_broken_on_validation_never_on_test(tmp_path):
     assert stats.best_group(groups, "custom", 0.97).lr == 1.0
 
 
-def test_speedup_ratio_bounds():
-    """Lower bound when the base missed, upper bound when the variant missed, n/a when both did."""
-    steps = lambda reached, n, cm: stats.StepStats(n=n, reached=reached, mean=None, std=None, censored_mean=cm,
-                                                   steps=[])
-    assert stats.speedup_ratio(steps(2, 2, 600), steps(2, 2, 300)) == (2.0, "=")
-    assert stats.speedup_ratio(steps(1, 2, 800), steps(2, 2, 200)) == (4.0, ">")
-    assert stats.speedup_ratio(steps(2, 2, 600), steps(0, 2, 1000)) == (0.6, "<")
-    assert stats.speedup_ratio(steps(0, 2, 1000), steps(1, 2, 700)) == (None, "n/a")
-    assert rep.fmt_ratio(4.0, ">") == "> 4.00x" and rep.fmt_ratio(None, "n/a") == "n/a"
+def test_speedup_ratio_is_the_ert_ratio_with_bounds_where_one_side_never_reached():
+    """ERT(base) / ERT(variant) where both reached the target at least once (a miss counts its
+    steps spent); a lower bound when the base never did, an upper bound when the variant never did,
+    n/a when neither did."""
+    def steps(per_run, budget=1000):
+        spent = [s if s is not None else budget for s in per_run]
+        hit = [s for s in per_run if s is not None]
+        return stats.StepStats(n=len(per_run), reached=len(hit), mean=None, std=None,
+                               censored_mean=sum(spent) / len(spent), steps=list(per_run), spent=spent)
+    assert stats.speedup_ratio(steps([500, 700]), steps([300, 300])) == (2.0, "=")
+    # base: one hit at 600 and one miss (1000 spent) = 1600 steps per hit; variant 200 per hit
+    assert stats.speedup_ratio(steps([600, None]), steps([200, 200])) == (8.0, "=")
+    assert stats.speedup_ratio(steps([None, None]), steps([200, 300])) == (4.0, ">")
+    assert stats.speedup_ratio(steps([600, 600]), steps([None, None])) == (0.6, "<")
+    assert stats.speedup_ratio(steps([None, None]), steps([None, None])) == (None, "n/a")
+    assert steps([600, None]).ert == 1600 and steps([None, None]).ert == math.inf
+    assert tables.fmt_ratio(4.0, ">") == "> 4.00x" and tables.fmt_ratio(None, "n/a") == "n/a"
 
 
 def test_agreement(summary):
@@ -270,8 +284,10 @@ def test_conclusion_is_built_from_the_numbers(summary):
     text = rep.conclusion(summary)
     assert text.startswith("Within 1000 steps, validation accuracy 0.95 was reached by none with every seed at lr 1; "
                            "custom with every seed at lr 0.1, 1, 10; native with every seed at lr 0.1, 1.")
-    assert "custom over none ranges from 2.00x at lr 1 (a large gap) to > 3.75x at lr 10" in text
-    assert "custom (lr 10) 2.50x, native (lr 1) 2.00x" in text
+    assert ("Against none at the same lr, custom: faster than none at lr 0.1 (> 2.50x), lr 1 (2.00x [2.00, 2.00]), "
+            "lr 10 (> 3.75x).") in text
+    assert ("against none at lr 1: custom at lr 10, the edge of its grid, 2.50x [2.00, 3.00], faster than none; "
+            "native at lr 1, the edge of its grid, 2.00x [2.00, 2.00], faster than none.") in text
     assert ("not used to choose): none (lr 1) 0.9650 +- 0.0071, custom (lr 10) 0.9825 +- 0.0007, "
             "native (lr 1) 0.9795 +- 0.0007.") in text
     assert "none at lr 10: 1/2 diverged, 1/2 interrupted" in text
@@ -309,10 +325,16 @@ def test_write_report_markdown_and_figures(tmp_path):
     sweep = write_sweep(tmp_path / "sweep")
     report, figures = rep.write_report(sweep)
     text = report.read_text()
-    assert "| none | 0.1 | 2 | 0 | 0 | 700 +- 141 (2/2) | > 1000 (0/2) | > 1000 (0/2) | 0.9350 +- 0.0071 |" in text
-    assert "| none | 10 | 2 | 1 | 1 | 400 (1/2) | > 750 (0/2) | > 750 (0/2) | n/a (0/2 finite) |" in text
-    assert "| custom | 0.1 | > 1000 (0/2) | 400 +- 141 (2/2) | > 2.50x |" in text
-    assert "| custom | 10 | 200 +- 0 (2/2) | 2.50x | 0.9825 +- 0.0007 |" in text  # test acc of the chosen lr
+    err = fmt_mean_std(mean_std([r.mean_val_err for r in swp.load_runs(sweep) if (r.norm, r.lr) == ("none", 0.1)]),
+                       ".4f")
+    assert f"| none | 0.1 | 2 | 0 | 0 | 700 +- 141 (2/2) | > 1000 (0/2) | > 1000 (0/2) | inf (0/2) | {err} | 0.9350 +- 0.0071 |" in text
+    assert "| none | 10 | 2 | 1 | 1 | 400 (1/2) | > 750 (0/2) | > 750 (0/2) | inf (0/2) |" in text
+    assert "| custom | 0.1 | > 1000 (0/2) | 400 +- 141 (2/2) | > 2.50x | 1.00 [1.00, 1.00] | faster than none |" in text
+    # the best lr (chosen on validation) at the edge of custom's grid; its test accuracy; paired by seed:
+    # none at lr 1 took 400 and 600 steps, custom at lr 10 200 and 200, so the two resampled ratios are 2 and 3
+    assert ("| custom | 10 (grid edge) | 200 +- 0 (2/2) | 0.9825 +- 0.0007 | 2.50x [2.00, 3.00] | 1.00 [1.00, 1.00] | "
+            "faster than none |") in text
+    assert "| no clear difference |" not in text  # every interval here excludes 1 (and 0)
     assert "| norm | lr | runs | diverged | interrupted | steps to 90% val acc |" in text
     assert "Run dirs without summary.json (not counted below): 1" in text
     assert [f.name for f in figures] == ["val_acc.png", "activations.png", "steps_to_target.png"]

@@ -97,10 +97,13 @@ def test_depth_report_section(depth_sweep):
     text = report.read_text()
     assert "## Study: depth (`model.widths`)" in text and "## Per (norm, lr)" not in text
     assert "| 2 x 100 | none | 1 | 2 | 0 | 250 +- 71 (2/2) |" in text
-    assert "| 4 x 100 | custom | 1 | 200 +- 0 (2/2) | > 5.00x | 1: > 5.00x |" in text
+    # best lr and test accuracy of the chosen lr, then the comparison: none never reached 0.9 at 4 layers (a bound)
+    assert ("| 4 x 100 | custom | 1 | 200 +- 0 (2/2) | 200 | 0.9000 +- 0.0000 | > 5.00x | 1.00 [1.00, 1.00] | "
+            "faster than none | +0.0000 [+0.0000, +0.0000] | no clear difference |") in text
+    assert "| 4 x 100 | none | 1 | > 1000 (0/2) | inf (0/2) |" in text
     assert "Speed-up of custom over none to validation accuracy 0.9, each at its best lr, by hidden layers: " \
-           "2 x 100: 2.50x, 4 x 100: > 5.00x." in text
-    assert "| 4 x 100 | custom | 1 | 200 +- 0 (2/2) | > 5.00x | 1: > 5.00x | 0.9000 +- 0.0000 |" in text
+           "2 x 100: 2.50x [2.00, 3.00] (faster than none), 4 x 100: > 5.00x (faster than none)." in text
+    assert "| 4 x 100 | custom | 1 | > 5.00x | 1.00 [1.00, 1.00] | faster than none |" in text
     assert "Test accuracy of each norm at its best lr (chosen on validation; the test set's one evaluation at " \
            "the end of each run): none 2 x 100: 0.9000, 4 x 100: 0.9000; custom" in text
     assert [f.name for f in figures] == ["study.png"]

@@ -6,20 +6,29 @@ norm's best lr, ties broken by final validation accuracy); the final test accura
 test set's one evaluation at the end of a run, is reported per group and compared between
 custom and native (a measurement), never chosen on.
 
-Runs are grouped by (norm, optim.lr) over seeds. A seed that never reached a target counts at
-its censor step (the budget, or steps_done if interrupted) wherever a mean over every seed is
-needed, which makes that mean a bound rather than an estimate; each result says which it is.
-Diverged and interrupted runs are counted, never dropped.
+Runs are grouped by (norm, optim.lr) over seeds. A run that never reached a target counts the
+steps it spent (its budget, or steps_done if it diverged or was interrupted): speed-ups are
+ratios of expected running times (bnexp/report/intervals.py: all steps spent over the runs that
+reached the target), each with a 95% bootstrap interval over seeds (paired where both sides ran
+the same seeds), the probability that a variant's run beats none's, and the difference of final
+test accuracy with its interval. Diverged and interrupted runs are counted, never dropped.
+
+A best lr at the edge of its norm's grid (the smallest or largest rate that norm ran) is
+flagged: the optimum may lie outside the grid, so "best vs best" is then not known.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnexp.config import TrainConfig
 from bnexp.nn.registry import order as norm_order
+from bnexp.run.schedule import resolution
+from bnexp.report.intervals import (Interval, bootstrap, mean_difference, outcomes, p_beats_statistic,
+                                    pair_by_seed, speedup_statistic)
 from bnexp.report.runs import ReportError, Run
 from bnexp.run.summary import STATUSES, STEPS_TO_VAL_ACC_KEYS
 
@@ -40,11 +49,22 @@ class StepStats:
     mean: float | None  # mean steps of those that reached it; None if none did
     std: float | None  # their sample std (ddof=1); None below two
     censored_mean: float  # mean over all n, a miss counted at its censor step
-    steps: list[int | None]  # per run, None where not reached
+    steps: list[int | None]  # per run (in seed order), None where not reached
+    spent: list[int] = field(default_factory=list)  # per run: steps to the target, else its censor step
 
     @property
     def all_reached(self) -> bool:
         return self.reached == self.n
+
+    @property
+    def outcomes(self):
+        """One number per run for resampling (bnexp.report.intervals.outcomes)."""
+        return outcomes(self.steps, self.spent)
+
+    @property
+    def ert(self) -> float:
+        """Expected running time: steps spent by all runs / runs that reached the target (inf if none)."""
+        return math.inf if self.reached == 0 else sum(self.spent) / self.reached
 
 
 @dataclass(frozen=True)
@@ -69,16 +89,28 @@ class Group:
     steps_to: dict[float, StepStats]  # by target validation accuracy
     final_test_acc: AccStats  # the test set's one evaluation at the end: reported, never chosen on
     final_val_acc: AccStats  # the last validation accuracy: breaks ties between lrs (best_group)
+    mean_val_err: AccStats = AccStats(None, None, 0)  # the average validation error over the run (an AUC)
+    members: list = field(default_factory=list, repr=False, compare=False)  # its Runs, in seed order
 
 
 @dataclass(frozen=True)
 class Speedup:
-    """Mean steps of none / mean steps of `norm`; kind '=' exact, '>' lower bound, '<' upper bound, 'n/a'."""
+    """ERT of none / ERT of `norm` at the target (bnexp/report/intervals.py), with its uncertainty.
+
+    kind '=': both reached the target at least once (an estimate); '>' a lower bound (none never
+    did: the ratio of censored mean steps); '<' an upper bound (the variant never did); 'n/a' neither.
+    """
 
     norm: str
-    lr: float
+    lr: float  # the variant's lr
     ratio: float | None
     kind: str
+    ci: Interval | None = None  # 95% bootstrap interval of the ERT ratio
+    p_beats: Interval | None = None  # P(a run of `norm` reaches the target in fewer steps than none's)
+    acc_diff: Interval | None = None  # final test accuracy, norm - none
+    paired: bool = False  # resampled by seed pairs
+    base_lr: float | None = None  # none's lr it is compared with
+    edge: bool = False  # the variant's lr is its best and sits at the edge of its grid
 
 
 @dataclass(frozen=True)
@@ -88,6 +120,7 @@ class Speedups:
     none_best_lr: float | None  # None: the sweep has no `none` runs
     by_lr: list[Speedup]
     best: list[Speedup]
+    none_best_edge: bool = False  # none's best lr sits at the edge of its grid
 
 
 @dataclass(frozen=True)
@@ -138,6 +171,7 @@ class SweepStats:
     counts: Counts
     budgets: list[int]
     eval_every: list
+    schedules: list[str]  # how each budget's evaluations are spaced, in words (the resolution of steps-to)
     varying_keys: list[str]
     groups: list[Group]
     speedup: Speedups
@@ -157,11 +191,20 @@ def summarize(runs: list[Run], target: float = 0.95, without_summary=()) -> Swee
         counts=_counts(runs, without_summary),
         budgets=sorted({r.budget for r in runs}),
         eval_every=sorted({r.config.get("train.eval_every") for r in runs}, key=str),
+        schedules=sorted({schedule_words(r) for r in runs}),
         varying_keys=varying_keys(runs),
         groups=groups,
         speedup=speedups(groups, target),
         agreement=agreement(runs),
     )
+
+
+def schedule_words(run: Run) -> str:
+    """The run's evaluation schedule as the report states its resolution (bnexp/run/schedule.py)."""
+    c = run.config
+    t = TrainConfig(steps=int(c["train.steps"]), eval_every=int(c.get("train.eval_every", 1)),
+                    eval_schedule=c.get("train.eval_schedule", "linear"), test_every=int(c.get("train.test_every", 0)))
+    return resolution(t)
 
 
 def _norm_key(norm: str):
@@ -197,7 +240,7 @@ def steps_stats(runs: list[Run], target: float) -> StepStats:
     censored = [s if s is not None else r.censor_step() for r, s in zip(runs, steps)]
     mean, std = mean_std(reached)
     return StepStats(n=len(runs), reached=len(reached), mean=mean, std=std,
-                     censored_mean=float(np.mean(censored)), steps=steps)
+                     censored_mean=float(np.mean(censored)), steps=steps, spent=censored)
 
 
 def acc_stats(values) -> AccStats:
@@ -216,20 +259,48 @@ def group_stats(norm: str, lr: float, runs: list[Run], thresholds) -> Group:
         steps_to={t: steps_stats(runs, t) for t in thresholds},
         final_test_acc=acc_stats([r.final_test_acc for r in runs]),
         final_val_acc=acc_stats([r.final_val_acc for r in runs]),
+        mean_val_err=acc_stats([r.mean_val_err for r in runs]),
+        members=list(runs),
     )
 
 
 def speedup_ratio(base: StepStats, variant: StepStats) -> tuple[float | None, str]:
-    """(ratio of mean steps base/variant, kind): '=' exact, '>' lower bound, '<' upper bound, 'n/a'.
-
-    An unreached seed counts at its censor step, which is below its true (unknown) step count:
-    so the base's mean is a lower bound when the base missed, the variant's when the variant missed.
-    """
-    if not (base.all_reached or variant.all_reached) or variant.censored_mean == 0:
+    """(speed-up, kind): ERT(base) / ERT(variant) '=' when both reached the target at least once;
+    else the ratio of censored mean steps, a lower bound '>' (the base never reached it: its true
+    steps are above its censor steps) or an upper bound '<' (the variant never did); 'n/a' if neither did."""
+    if base.reached and variant.reached:
+        return base.ert / variant.ert, "="
+    if not (base.reached or variant.reached) or variant.censored_mean == 0:
         return None, "n/a"
-    ratio = base.censored_mean / variant.censored_mean
-    kind = "=" if base.all_reached and variant.all_reached else (">" if variant.all_reached else "<")
-    return ratio, kind
+    return base.censored_mean / variant.censored_mean, (">" if variant.reached else "<")
+
+
+def _sides(base: Group, variant: Group, value) -> tuple[np.ndarray, np.ndarray, bool]:
+    """value(run) for each side's runs, paired by seed when both ran the same seeds."""
+    b, v, paired = pair_by_seed(base.members, variant.members)
+    return np.array([value(r) for r in b], dtype=np.float64), np.array([value(r) for r in v], dtype=np.float64), paired
+
+
+def compare(base: Group, variant: Group, target: float, edge: bool = False) -> Speedup:
+    """`variant` against `base` (none) at `target`: the speed-up, its interval, P(beats), the test accuracy difference."""
+    ratio, kind = speedup_ratio(base.steps_to[target], variant.steps_to[target])
+    b, v, paired = pair_by_seed(list(zip(base.members, base.steps_to[target].outcomes)),
+                                list(zip(variant.members, variant.steps_to[target].outcomes)), key=lambda x: x[0].seed)
+    ob, ov = np.array([o for _, o in b]), np.array([o for _, o in v])
+    ci = bootstrap(speedup_statistic, ob, ov, paired) if ratio is not None else None
+    p = bootstrap(p_beats_statistic, ov, ob, paired=False)
+    ab, av = np.array([r.final_test_acc for r, _ in b]), np.array([r.final_test_acc for r, _ in v])
+    keep = np.isfinite(ab) & np.isfinite(av) if paired else None
+    acc = (bootstrap(mean_difference, av[keep], ab[keep], True) if paired
+           else bootstrap(mean_difference, av[np.isfinite(av)], ab[np.isfinite(ab)], False))
+    return Speedup(variant.norm, variant.lr, ratio, kind, ci=ci, p_beats=p, acc_diff=acc, paired=paired,
+                   base_lr=base.lr, edge=edge)
+
+
+def at_grid_edge(groups: list[Group], norm: str, lr: float) -> bool:
+    """Whether `lr` is the smallest or largest of the rates `norm` ran (with at least two of them)."""
+    lrs = sorted({g.lr for g in groups if g.norm == norm})
+    return len(lrs) > 1 and lr in (lrs[0], lrs[-1])
 
 
 def best_group(groups: list[Group], norm: str, target: float) -> Group | None:
@@ -248,18 +319,18 @@ def best_group(groups: list[Group], norm: str, target: float) -> Group | None:
 
 
 def speedups(groups: list[Group], target: float) -> Speedups:
-    """Speed-up of every non-`none` norm over none at each shared lr and at each norm's own best lr."""
+    """Every non-`none` norm against none at each shared lr, and at each norm's own best lr against none's best."""
     base = {g.lr: g for g in groups if g.norm == "none"}
-    by_lr = [Speedup(g.norm, g.lr, *speedup_ratio(base[g.lr].steps_to[target], g.steps_to[target]))
-             for g in groups if g.norm != "none" and g.lr in base]
+    by_lr = [compare(base[g.lr], g, target) for g in groups if g.norm != "none" and g.lr in base]
     none_best = best_group(groups, "none", target)
     best = []
     for norm in dict.fromkeys(g.norm for g in groups if g.norm != "none"):
         g = best_group(groups, norm, target)
-        ratio, kind = (None, "n/a") if none_best is None else speedup_ratio(
-            none_best.steps_to[target], g.steps_to[target])
-        best.append(Speedup(norm, g.lr, ratio, kind))
-    return Speedups(none_best_lr=None if none_best is None else none_best.lr, by_lr=by_lr, best=best)
+        edge = at_grid_edge(groups, norm, g.lr)
+        best.append(Speedup(norm, g.lr, None, "n/a", edge=edge) if none_best is None
+                    else compare(none_best, g, target, edge=edge))
+    return Speedups(none_best_lr=None if none_best is None else none_best.lr, by_lr=by_lr, best=best,
+                    none_best_edge=none_best is not None and at_grid_edge(groups, "none", none_best.lr))
 
 
 def _loss_diffs(a: Run, b: Run) -> np.ndarray | None:

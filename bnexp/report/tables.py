@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnexp.report.stats import N_LOSS_COMPARE, AccStats, Agreement, StepStats, SweepStats, best_group
+from bnexp.report.intervals import CONFIDENCE, N_RESAMPLES, fmt_interval, verdict_difference, verdict_ratio
+from bnexp.report.stats import N_LOSS_COMPARE, AccStats, Agreement, Speedup, StepStats, SweepStats, best_group
 from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study
 
 # how bnexp.report.stats.best_group chooses, as report.md says it
@@ -41,6 +42,34 @@ def fmt_steps(s: StepStats) -> str:
         return f"> {s.censored_mean:.0f} (0/{s.n})"
     std = "" if s.std is None else f" +- {s.std:.0f}"
     return f"{s.mean:.0f}{std} ({s.reached}/{s.n})"
+
+
+def fmt_ert(s: StepStats) -> str:
+    """The expected running time: '640', 'inf (0/5)' when no run reached the target."""
+    return f"inf (0/{s.n})" if s.reached == 0 else f"{s.ert:.0f}"
+
+
+def fmt_lr_edge(lr: float, edge: bool) -> str:
+    """The lr, flagged when it is the best and at the edge of its grid."""
+    return fmt_lr(lr) + (" (grid edge)" if edge else "")
+
+
+def fmt_speedup(s: Speedup) -> str:
+    """'1.57x [1.21, 2.05]', or the bound when one side never reached the target."""
+    if s.kind != "=" or s.ci is None:  # a bound: one side never reached the target, so no finite interval
+        return fmt_ratio(s.ratio, s.kind)
+    return fmt_interval(s.ci, ".2f", "x")
+
+
+def speedup_verdict(s: Speedup) -> str:
+    """What the interval allows one to say: faster / slower than none, or no clear difference."""
+    if s.ratio is None:
+        return "neither reached the target"
+    return verdict_ratio(s.ci, "faster than none", "slower than none")
+
+
+def acc_verdict(s: Speedup) -> str:
+    return verdict_difference(s.acc_diff, "higher than none", "lower than none")
 
 
 def fmt_acc(acc: AccStats, runs: int) -> str:
@@ -78,8 +107,9 @@ def header_lines(stats: SweepStats, sweep_dir: Path, study: Study | None = None)
              f"{c.interrupted} interrupted).",
              f"- Run dirs without summary.json (not counted below): {len(c.without_summary)}"
              + "".join(f"\n  - `{p}`" for p in c.without_summary),
-             f"- Budget (train.steps): {', '.join(map(str, stats.budgets))}; validation accuracy evaluated every "
-             f"{', '.join(map(str, stats.eval_every))} steps, the test set at the end of each run.",
+             f"- Budget (train.steps): {', '.join(map(str, stats.budgets))}; validation accuracy evaluated "
+             f"{'; '.join(stats.schedules)}; the test set once, at the end of each run. Steps to a target are "
+             "the first evaluation at or above it, so they are as fine as that spacing.",
              "- Choose on validation, report on test: steps to a target, speed-ups and each norm's best lr "
              "use the validation accuracy; the test accuracy is reported, never chosen on."]
     if study is not None:
@@ -101,40 +131,63 @@ def steps_header(t: float) -> str:
 def group_lines(stats: SweepStats) -> list[str]:
     """Per (norm, lr): status counts, steps to each validation threshold of `stats.thresholds`, final test accuracy."""
     ts = stats.thresholds
-    header = ["norm", "lr", "runs", "diverged", "interrupted"] + [steps_header(t) for t in ts] + ["final test acc"]
+    header = (["norm", "lr", "runs", "diverged", "interrupted"] + [steps_header(t) for t in ts]
+              + [f"ERT to {stats.target:g}", "mean val err", "final test acc"])
     rows = [[g.norm, fmt_lr(g.lr), str(g.runs), str(g.diverged), str(g.interrupted)]
-            + [fmt_steps(g.steps_to[t]) for t in ts] + [fmt_acc(g.final_test_acc, g.runs)]
+            + [fmt_steps(g.steps_to[t]) for t in ts]
+            + [fmt_ert(g.steps_to[stats.target]), fmt_mean_std((g.mean_val_err.mean, g.mean_val_err.std), ".4f"),
+               fmt_acc(g.final_test_acc, g.runs)]
             for g in stats.groups]
     intro = ("Steps to a validation accuracy: mean +- sample std (ddof=1) over the seeds that reached it, then "
              "(k/n seeds reached); n counts every run, diverged and interrupted included. '> B (0/n)': no seed "
              "reached it; B is the mean over seeds of the budget (steps_done for an interrupted run). "
+             "ERT (expected running time): the steps spent by all runs (a miss counts its budget, or where it "
+             "diverged or stopped) over the runs that reached the target. Mean val err: the average validation "
+             "error over the run (area under the error curve / budget), lower = converged sooner. "
              "Final test acc: the test set's one evaluation at the end of each run (reported, not chosen on), "
              "mean +- std over runs with a finite value (a run interrupted before its end has none).")
     return ["## Per (norm, lr)", "", intro, "", *_table(header, rows), ""]
 
 
+INTERVAL_WORDS = (f"[a, b]: {CONFIDENCE:.0%} bootstrap interval over seeds ({N_RESAMPLES} resamples; paired by seed "
+                  "where both sides ran the same seeds). A comparison whose interval includes no difference (1 for "
+                  "a speed-up, 0 for an accuracy difference) is 'no clear difference'.")
+SPEEDUP_WORDS = ("Speed-up = ERT of none / ERT of the variant, ERT = steps spent by all runs / runs that reached the "
+                 "target (a miss counts its budget, or where it diverged or stopped). '> x' (none never reached it) "
+                 "and '< x' (the variant never did) are bounds from mean steps with misses at their budget. "
+                 "P(beats none): the chance that a run of the variant reaches the target in fewer steps than a run "
+                 "of none (a miss is slower than any hit, ties count half).")
+
+
+def comparison_row(s: Speedup) -> list[str]:
+    """The columns every comparison with none shows."""
+    return [fmt_speedup(s), fmt_interval(s.p_beats, ".2f"), speedup_verdict(s),
+            fmt_interval(s.acc_diff, "+.4f"), acc_verdict(s)]
+
+
+COMPARISON_HEADER = ["speed-up over none [95% CI]", "P(beats none) [95% CI]", "speed-up says",
+                     "final test acc - none's [95% CI]", "accuracy says"]
+
+
 def speedup_lines(stats: SweepStats) -> list[str]:
     """The speed-up over none at the target: at each shared lr, and at each variant's own best lr."""
     t, sp = stats.target, stats.speedup
-    intro = (f"Speed-up = (mean steps for none to reach validation acc >= {t:g}) / (mean steps for the variant), "
-             "means over seeds. A seed that never reached the target counts at its budget (steps_done if "
-             "interrupted), which makes that mean a bound: '> x' is a lower bound (none missed the target), "
-             "'< x' an upper bound (the variant missed it), 'n/a' when both missed it.")
-    lines = [f"## Speed-up over none (target {t:g})", "", intro, ""]
+    lines = [f"## Speed-up over none (target {t:g})", "", SPEEDUP_WORDS + " " + INTERVAL_WORDS, ""]
     if sp.none_best_lr is None:
         return lines + ["No `none` runs in this sweep: no speed-up to compute.", ""]
     steps = {(g.norm, g.lr): fmt_steps(g.steps_to[t]) for g in stats.groups}
-    rows = [[s.norm, fmt_lr(s.lr), steps[("none", s.lr)], steps[(s.norm, s.lr)], fmt_ratio(s.ratio, s.kind)]
-            for s in sp.by_lr]
-    lines += ["At each lr:", "", *_table(["norm", "lr", "none steps", "its steps", "speed-up"], rows), ""]
+    rows = [[s.norm, fmt_lr(s.lr), steps[("none", s.lr)], steps[(s.norm, s.lr)], *comparison_row(s)] for s in sp.by_lr]
+    lines += ["At each lr:", "", *_table(["norm", "lr", "none steps", "its steps", *COMPARISON_HEADER], rows), ""]
     test = {(g.norm, g.lr): fmt_acc(g.final_test_acc, g.runs) for g in stats.groups}
-    rows = [["none", fmt_lr(sp.none_best_lr), steps[("none", sp.none_best_lr)], "1 (reference)",
-             test[("none", sp.none_best_lr)]]]
-    rows += [[b.norm, fmt_lr(b.lr), steps[(b.norm, b.lr)], fmt_ratio(b.ratio, b.kind), test[(b.norm, b.lr)]]
+    rows = [["none", fmt_lr_edge(sp.none_best_lr, sp.none_best_edge), steps[("none", sp.none_best_lr)],
+             test[("none", sp.none_best_lr)], "reference", "", "", "", ""]]
+    rows += [[b.norm, fmt_lr_edge(b.lr, b.edge), steps[(b.norm, b.lr)], test[(b.norm, b.lr)], *comparison_row(b)]
              for b in sp.best]
-    lines += [f"At each variant's own best lr, {BEST_LR_RULE}; then the test accuracy of the chosen lr:", "",
-              *_table(["norm", "best lr", "steps", "speed-up over none at its best lr", "test acc of the chosen lr"],
-                      rows), ""]
+    edge = any(b.edge for b in sp.best) or sp.none_best_edge
+    lines += [f"At each variant's own best lr, {BEST_LR_RULE}; then the test accuracy of the chosen lr"
+              + ("; '(grid edge)': the best lr is the smallest or largest that variant ran, so its optimum may lie "
+                 "outside the grid and this best-vs-best comparison is not settled" if edge else "") + ":", "",
+              *_table(["norm", "best lr", "steps", "test acc of the chosen lr", *COMPARISON_HEADER], rows), ""]
     return lines
 
 
@@ -178,24 +231,33 @@ def study_lines(study: Study) -> list[str]:
 
 
 def _advantage_lines(study: Study, column: str, target: float) -> list[str]:
-    header = [column, "norm", "best lr", f"steps to {target:g} val acc", "speed-up over none at their best lrs",
-              "speed-up at each shared lr", "test acc of the chosen lr"]
+    header = [column, "norm", "best lr", f"steps to {target:g} val acc", f"ERT to {target:g}",
+              "test acc of the chosen lr", *COMPARISON_HEADER]
     rows = []
     for v in study.values:
         sp = v.stats.speedup
-        by_lr = {}
-        for s in sp.by_lr:
-            by_lr.setdefault(s.norm, []).append(f"{fmt_lr(s.lr)}: {fmt_ratio(s.ratio, s.kind)}")
         for norm in dict.fromkeys(g.norm for g in v.stats.groups):
             g = best_group(v.stats.groups, norm, target)
             best = next((b for b in sp.best if b.norm == norm), None)
-            ratio = "1 (reference)" if norm == "none" else ("n/a" if best is None else fmt_ratio(best.ratio, best.kind))
-            rows.append([v.label, norm, fmt_lr(g.lr), fmt_steps(g.steps_to[target]), ratio,
-                         "; ".join(by_lr.get(norm, [])) or "-", fmt_acc(g.final_test_acc, g.runs)])
-    intro = (f"BN's advantage per {column}: each norm at its own best lr, {BEST_LR_RULE} (target validation "
-             f"accuracy {target:g}), and the speed-up over none at every lr both ran ('>' lower bound: none "
-             "missed the target; '<' upper bound: the variant missed it); then the test accuracy of the chosen lr.")
-    return [f"### Speed-up over none per {column} (target {target:g})", "", intro, "", *_table(header, rows), ""]
+            edge = sp.none_best_edge if norm == "none" else best is not None and best.edge
+            lead = [v.label, norm, fmt_lr_edge(g.lr, edge), fmt_steps(g.steps_to[target]), fmt_ert(g.steps_to[target]),
+                    fmt_acc(g.final_test_acc, g.runs)]
+            if norm == "none" or best is None or sp.none_best_lr is None:
+                rows.append(lead + ["reference" if norm == "none" else "n/a", "", "", "", ""])
+            else:
+                rows.append(lead + comparison_row(best))
+    intro = (f"Each norm at its own best lr per {column}, {BEST_LR_RULE} (target validation accuracy {target:g}), "
+             "against none at its best lr there; '(grid edge)': the best lr is the smallest or largest that norm ran "
+             "at this value, so its optimum may lie outside the grid. " + SPEEDUP_WORDS + " " + INTERVAL_WORDS)
+    lines = [f"### Each norm at its best lr per {column} (target {target:g})", "", intro, "", *_table(header, rows), ""]
+    rows = []
+    for v in study.values:
+        for s in v.stats.speedup.by_lr:
+            rows.append([v.label, s.norm, fmt_lr(s.lr), *comparison_row(s)])
+    if rows:
+        lines += [f"### Against none at the same lr, per {column}", "",
+                  *_table([column, "norm", "lr", *COMPARISON_HEADER], rows), ""]
+    return lines
 
 
 def _gap_lines(study: Study, column: str) -> list[str]:

@@ -30,8 +30,8 @@ from bnexp.report.runs import dirs_without_summary, load_runs
 from bnexp.report.stats import (AGREE_ACC_TOL, AGREE_LOSS_TOL, N_LOSS_COMPARE, Agreement, Group, SweepStats, best_group,
                                 summarize)
 from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study, probe_quantities, probe_stats, study_stats
-from bnexp.report.tables import (agreement_lines, fmt_acc, fmt_lr, fmt_mean_std, fmt_or_na, fmt_ratio, group_lines,
-                                 header_lines, probe_lines, speedup_lines, study_lines)
+from bnexp.report.tables import (agreement_lines, fmt_acc, fmt_lr, fmt_mean_std, fmt_or_na, fmt_speedup,
+                                 group_lines, header_lines, probe_lines, speedup_lines, speedup_verdict, study_lines)
 
 
 def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = "") -> tuple[Path, list[Path]]:
@@ -107,17 +107,8 @@ def _reach_sentence(stats: SweepStats) -> str:
     return f"Within {budget} steps, validation accuracy {t:g} was reached by " + "; ".join(parts) + "."
 
 
-def _gap_word(ratio: float) -> str:
-    if ratio >= 2:
-        return "a large gap"
-    if ratio >= 1.25:
-        return "a moderate gap"
-    if ratio > 0.8:
-        return "a small gap"
-    return "none faster by a large margin"
-
-
 def _gap_sentences(stats: SweepStats) -> list[str]:
+    """Per variant, where it is faster than none, slower, or not clearly different, by the intervals."""
     out = []
     by_lr = stats.speedup.by_lr
     for norm in dict.fromkeys(s.norm for s in by_lr):
@@ -125,12 +116,11 @@ def _gap_sentences(stats: SweepStats) -> list[str]:
         if not rows:
             out.append(f"The speed-up of {norm} over none is undefined at every shared lr (neither reached the target).")
             continue
-        lo, hi = min(rows, key=lambda s: s.ratio), max(rows, key=lambda s: s.ratio)
-        describe = lambda s: f"{fmt_ratio(s.ratio, s.kind)} at lr {fmt_lr(s.lr)} ({_gap_word(s.ratio)})"
-        if lo is hi:
-            out.append(f"The speed-up of {norm} over none is {describe(lo)}.")
-        else:
-            out.append(f"The speed-up of {norm} over none ranges from {describe(lo)} to {describe(hi)}.")
+        verdicts: dict[str, list[str]] = {}
+        for s in rows:
+            verdicts.setdefault(speedup_verdict(s), []).append(f"lr {fmt_lr(s.lr)} ({fmt_speedup(s)})")
+        out.append(f"Against none at the same lr, {norm}: " + "; ".join(
+            f"{verdict} at {', '.join(where)}" for verdict, where in verdicts.items()) + ".")
     return out
 
 
@@ -138,9 +128,11 @@ def _best_sentence(stats: SweepStats) -> str | None:
     sp = stats.speedup
     if sp.none_best_lr is None or not sp.best:
         return None
-    parts = [f"{b.norm} (lr {fmt_lr(b.lr)}) {fmt_ratio(b.ratio, b.kind)}" for b in sp.best]
-    return (f"Each at its own best lr (chosen on validation), against none at lr {fmt_lr(sp.none_best_lr)}: "
-            + ", ".join(parts) + ".")
+    parts = [f"{b.norm} at lr {fmt_lr(b.lr)}{', the edge of its grid,' if b.edge else ''} {fmt_speedup(b)}, "
+             f"{speedup_verdict(b)}" for b in sp.best]
+    edge = " (the edge of its grid)" if sp.none_best_edge else ""
+    return (f"Each at its own best lr (chosen on validation), against none at lr {fmt_lr(sp.none_best_lr)}{edge}: "
+            + "; ".join(parts) + ".")
 
 
 def _chosen_test_sentence(stats: SweepStats) -> str | None:
@@ -203,7 +195,7 @@ def study_conclusion(study: Study) -> str:
         for v in study.values:
             best = next((b for b in v.stats.speedup.best if b.norm == norm), None)
             if best is not None and v.stats.speedup.none_best_lr is not None:
-                parts.append(f"{v.label}: {fmt_ratio(best.ratio, best.kind)}")
+                parts.append(f"{v.label}: {fmt_speedup(best)} ({speedup_verdict(best)})")
         if parts:
             sentences.append(f"Speed-up of {norm} over none to validation accuracy {target:g}, each at its best lr, "
                              f"by {column}: " + ", ".join(parts) + ".")
