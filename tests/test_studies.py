@@ -147,8 +147,29 @@ def test_probe_numbers_are_per_run_means_then_over_seeds(tmp_path):
     assert none.values["ics/head/cos"] == (None, None)
     report = rep.write_report(tmp_path, target=0.9)[0].read_text()
     assert "| custom | 1 | 2 | 4 +- 2.83 | 2 +- 1.41 | 3 +- 0 |" in report
-    assert "At lr 1: custom has loss range 0.5x, grad change 0.5x, beta 0.5x none's; mean cos(G, G') over " \
-           "layers: custom 0.800." in report
+    # one none run: the ratio without an interval, and no verdict
+    assert ("At lr 1: custom vs none: loss range 0.5x [n/a, n/a] (too few runs to tell), beta 0.5x [n/a, n/a] "
+            "(too few runs to tell); mean cos(G, G') over layers: custom 0.800.") in report
+    assert "| custom | 1 | 0.5x [n/a, n/a] | 0.5x [n/a, n/a] | 0.5x [n/a, n/a] |" in report
+
+
+def test_probe_ratios_have_paired_intervals_and_verdicts(tmp_path):
+    """Seeds shared: the ratio of means, resampled by seed pairs, and a verdict that follows the interval."""
+    for seed in range(4):
+        lo = 1.0 + seed  # the seed moves both norms' loss ranges alike; custom's is half of none's per seed
+        write_run(tmp_path, f"n{seed}", "none", 1.0, seed, {}, 100, 0.9, probes={
+            "probe/loss_min": [(10, 0.0)], "probe/loss_max": [(10, 2 * lo)], "probe/beta": [(10, 1.0 + seed % 2)],
+            "probe/grad_change": [(10, 1.0)]})
+        write_run(tmp_path, f"c{seed}", "custom", 1.0, seed, {}, 100, 0.9, probes={
+            "probe/loss_min": [(10, 0.0)], "probe/loss_max": [(10, lo)], "probe/beta": [(10, 2.0 - seed % 2)],
+            "probe/grad_change": [(10, 1.0)]})
+    (ratio,) = studies.probe_ratios(swp.load_runs(tmp_path))
+    loss, beta = ratio.ratios["loss range"], ratio.ratios["beta"]
+    assert loss.paired and (loss.estimate, loss.low, loss.high) == (0.5, 0.5, 0.5)
+    assert beta.estimate == 1.0 and beta.low < 1 < beta.high  # 2 vs 1 and 1 vs 2 per seed: no clear difference
+    report = rep.write_report(tmp_path, target=0.9)[0].read_text()
+    assert "custom vs none: loss range 0.5x [0.5, 0.5] (smaller), beta 1x [" in report
+    assert "(no clear difference)" in report
 
 
 # the presets' launcher (joblib or batched) with n_jobs=1: the jobs (or groups) run in this process, one after another

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnexp.report.intervals import Interval, bootstrap, mean_ratio, pair_by_seed
 from bnexp.report.stats import SweepStats, group_runs, mean_std, summarize
 from bnexp.report.runs import Run
 
@@ -56,6 +57,17 @@ class Study:
     values: list[StudyValue]
     gaps: list[Gap]  # empty unless the runs measured training-mode accuracy
     pooled_keys: list[str]  # other keys that vary too (pooled within a value; the report warns)
+
+
+@dataclass(frozen=True)
+class ProbeRatio:
+    """One (study value, lr, norm): each probe quantity's mean over seeds as a multiple of none's,
+    with its 95% bootstrap interval (paired by seed where both ran the same seeds)."""
+
+    label: str
+    norm: str
+    lr: float
+    ratios: dict[str, Interval | None]
 
 
 @dataclass(frozen=True)
@@ -196,3 +208,30 @@ def probe_stats(runs: list[Run], key: str | None = None) -> list[ProbeRow]:
             values = {q: _finite_mean_std([run_mean(r, q) for r in rs]) for q in quantities}
             rows.append(ProbeRow("" if key is None else label(key, value), norm, lr, len(rs), values))
     return rows
+
+
+def probe_ratios(runs: list[Run], key: str | None = None) -> list[ProbeRatio]:
+    """Per (study value, lr) and norm other than none: mean(norm's per-run means) / mean(none's), with intervals."""
+    probed = [r for r in runs if "probe/beta" in r.curves]
+    if not probed:
+        return []
+    quantities = probe_quantities(probed)
+    parts = split_by(probed, key) if key else {None: probed}
+    out = []
+    for value, part in parts.items():
+        groups = group_runs(part)
+        for (norm, lr), rs in groups.items():
+            base = groups.get(("none", lr))
+            if norm == "none" or base is None:
+                continue
+            b, v, paired = pair_by_seed(base, rs)
+            ratios = {}
+            for q in quantities:
+                bq, vq = np.array([run_mean(r, q) for r in b]), np.array([run_mean(r, q) for r in v])
+                keep = np.isfinite(bq) & np.isfinite(vq) if paired else None
+                vq, bq = (vq[keep], bq[keep]) if paired else (vq[np.isfinite(vq)], bq[np.isfinite(bq)])
+                ratios[q] = bootstrap(mean_ratio, vq, bq, paired)
+                if ratios[q] is None and vq.size and bq.size:  # one run a side: the estimate, no interval
+                    ratios[q] = Interval(float(mean_ratio(vq, bq)), math.nan, math.nan, min(vq.size, bq.size), paired)
+            out.append(ProbeRatio("" if key is None else label(key, value), norm, lr, ratios))
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bnexp.report.intervals import CONFIDENCE, N_RESAMPLES, fmt_interval, verdict_difference, verdict_ratio
 from bnexp.report.stats import N_LOSS_COMPARE, AccStats, Agreement, Speedup, StepStats, SweepStats, best_group
-from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study
+from bnexp.report.studies import STUDY_COLUMN, ProbeRatio, ProbeRow, Study
 
 # how bnexp.report.stats.best_group chooses, as report.md says it
 BEST_LR_RULE = ("chosen on validation (most seeds reaching the target, then fewest mean steps, then highest "
@@ -277,6 +277,19 @@ PROBE_INTRO = (
     "grad change = max ||g - grad L(w - eta g)||; beta = max of that over ||eta g||. Smaller = smoother. "
     "ICS (Santurkar Def. 2.1): G = a layer's weight gradient, G' the same after the layers below it took "
     "this step's update; ||G - G'|| (its scale follows the gradient's) and cos(G, G') (1 = no shift).")
+
+
+def probe_ratio_lines(ratios: list[ProbeRatio], quantities: list[str], study: Study | None) -> list[str]:
+    """Each probe quantity of each norm as a multiple of none's at the same lr, with its interval."""
+    if not ratios:
+        return []
+    lead = [] if study is None else [STUDY_COLUMN.get(study.name, study.key)]
+    rows = [([r.label] if lead else []) + [r.norm, fmt_lr(r.lr)]
+            + [fmt_interval(r.ratios[q], ".3g", "x") for q in quantities] for r in ratios]
+    names = [q.removeprefix("ics/") for q in quantities]
+    return ["### As multiples of none's at the same lr", "",
+            "mean over seeds of the norm's per-run means / the same for none; " + INTERVAL_WORDS, "",
+            *_table(lead + ["norm", "lr"] + names, rows), ""]
 
 
 def probe_lines(rows: list[ProbeRow], quantities: list[str], study: Study | None) -> list[str]:

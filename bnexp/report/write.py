@@ -29,9 +29,12 @@ from bnexp.report.figures import write_figures
 from bnexp.report.runs import dirs_without_summary, load_runs
 from bnexp.report.stats import (AGREE_ACC_TOL, AGREE_LOSS_TOL, N_LOSS_COMPARE, Agreement, Group, SweepStats, best_group,
                                 summarize)
-from bnexp.report.studies import STUDY_COLUMN, ProbeRow, Study, probe_quantities, probe_stats, study_stats
+from bnexp.report.intervals import fmt_interval, verdict_ratio
+from bnexp.report.studies import (STUDY_COLUMN, ProbeRatio, ProbeRow, Study, probe_quantities, probe_ratios, probe_stats,
+                                  study_stats)
 from bnexp.report.tables import (agreement_lines, fmt_acc, fmt_lr, fmt_mean_std, fmt_or_na, fmt_speedup,
-                                 group_lines, header_lines, probe_lines, speedup_lines, speedup_verdict, study_lines)
+                                 group_lines, header_lines, probe_lines, probe_ratio_lines, speedup_lines, speedup_verdict,
+                                 study_lines)
 
 
 def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = "") -> tuple[Path, list[Path]]:
@@ -43,18 +46,19 @@ def write_report(sweep_dir, target: float = 0.95, out_dir=None, prefix: str = ""
     study = study_stats(runs, target)
     probes = probe_stats(runs, None if study is None else study.key)
     quantities = probe_quantities([r for r in runs if "probe/beta" in r.curves]) if probes else []
+    ratios = probe_ratios(runs, None if study is None else study.key) if probes else []
     out = Path(out_dir) if out_dir is not None else root
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(runs, stats, out, prefix, study)
     report = out / f"{prefix}report.md"
-    report.write_text(render_markdown(stats, root, figures, study, probes, quantities))
+    report.write_text(render_markdown(stats, root, figures, study, probes, quantities, ratios))
     write_exports(runs, root, out, prefix)  # runs.csv, curves.csv (bnexp/report/export.py)
     write_aggregates(runs, root, out, prefix)  # seed aggregates for TensorBoard (bnexp/report/aggregate.py)
     return report, [out / name for name in figures]
 
 
 def render_markdown(stats: SweepStats, sweep_dir: Path, figures: dict[str, str], study: Study | None = None,
-                    probes: list[ProbeRow] = (), quantities: list[str] = ()) -> str:
+                    probes: list[ProbeRow] = (), quantities: list[str] = (), ratios: list[ProbeRatio] = ()) -> str:
     """report.md text; `figures` maps each written PNG's file name to a caption.
 
     A study sweep gets its study section instead of the pooled per-(norm, lr) sections; runs with
@@ -67,8 +71,8 @@ def render_markdown(stats: SweepStats, sweep_dir: Path, figures: dict[str, str],
         lines = header_lines(stats, sweep_dir, study) + study_lines(study)
         lines += ["### What the study says", "", study_conclusion(study), ""]
     if probes:
-        lines += probe_lines(probes, quantities, study)
-        lines += ["### What the probes say", "", probe_conclusion(probes, quantities), ""]
+        lines += probe_lines(probes, quantities, study) + probe_ratio_lines(list(ratios), list(quantities), study)
+        lines += ["### What the probes say", "", probe_conclusion(probes, quantities, list(ratios)), ""]
     lines += ["## Figures", ""]
     lines += [f"![{name}]({name})\n\n{caption}\n" for name, caption in figures.items()] or ["No figures (no curves)."]
     return "\n".join(lines) + "\n"
@@ -229,22 +233,20 @@ def _mean_over_layers(row: ProbeRow, metric: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def probe_conclusion(rows: list[ProbeRow], quantities: list[str]) -> str:
-    """Each BN variant's landscape quantities as multiples of none's, and the ICS cosines, per (value, lr)."""
+def probe_conclusion(rows: list[ProbeRow], quantities: list[str], ratios: list[ProbeRatio] = ()) -> str:
+    """Each variant's landscape and ICS-distance numbers as multiples of none's, with what their
+    intervals allow one to say, and the ICS cosines, per (study value, lr)."""
     sentences = []
     for (where, lr) in dict.fromkeys((r.label, r.lr) for r in rows):
         here = {r.norm: r for r in rows if (r.label, r.lr) == (where, lr)}
         at = f"{where + ', ' if where else ''}lr {fmt_lr(lr)}"
-        base = here.get("none")
         parts = []
-        for norm, r in here.items():
-            if norm == "none" or base is None:
-                continue
-            ratios = [f"{q} {r.values[q][0] / base.values[q][0]:.2g}x"
-                      for q in ("loss range", "grad change", "beta")
-                      if r.values[q][0] is not None and base.values[q][0]]
-            if ratios:
-                parts.append(f"{norm} has " + ", ".join(ratios) + " none's")
+        for ratio in (x for x in ratios if (x.label, x.lr) == (where, lr)):
+            said = [f"{q.removeprefix('ics/')} {fmt_interval(ci, '.2g', 'x')} "
+                    f"({verdict_ratio(ci, 'larger', 'smaller')})" for q, ci in ratio.ratios.items()
+                    if ci is not None and (q in ("loss range", "beta") or q.endswith("/l2"))]
+            if said:
+                parts.append(f"{ratio.norm} vs none: " + ", ".join(said))
         cos = [f"{n} {c:.3f}" for n, r in here.items() if (c := _mean_over_layers(r, "cos")) is not None]
         text = f"At {at}: " + ("; ".join(parts) if parts else "no none run to compare with")
         if cos:
