@@ -126,6 +126,23 @@ def bootstrap(statistic: Callable, a: np.ndarray, b: np.ndarray, paired: bool) -
     return Interval(estimate, low, high, a.size if paired else min(a.size, b.size), paired)
 
 
+def bootstrap_one(statistic: Callable, a: np.ndarray) -> Interval | None:
+    """One sample's statistic (an ERT, a mean) with its 95% percentile interval; None below 2 runs."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.size < 2:
+        return None
+    estimate = float(statistic(a))
+    if np.all(a == a[0]):
+        return Interval(estimate, estimate, estimate, a.size, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = scipy_stats.bootstrap((a,), statistic, vectorized=True, axis=-1, n_resamples=N_RESAMPLES,
+                                    confidence_level=CONFIDENCE, method="percentile",
+                                    rng=np.random.default_rng(BOOTSTRAP_SEED))
+    low, high = _quantiles(np.asarray(res.bootstrap_distribution))
+    return Interval(estimate, low, high, a.size, False)
+
+
 def pair_by_seed(base: list, variant: list, key=lambda r: r.seed) -> tuple[list, list, bool]:
     """The two sides in seed order, paired when they ran the same seeds (each once), else as given."""
     kb, kv = [key(r) for r in base], [key(r) for r in variant]
