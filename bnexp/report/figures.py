@@ -288,8 +288,8 @@ def plot_study(study, path: Path) -> Path:
             s = g.steps_to[target]
             y = top if not s.reached else s.ert
             note = f"lr {g.lr:g}" + ("" if s.all_reached else f", {s.reached}/{s.n}")
-            axes[0].annotate(note, (j + shift, y), textcoords="offset points", xytext=(3, -9), fontsize=6,
-                             color=style["color"], rotation=-30)
+            axes[0].annotate(note, (j + shift, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                             color=style["color"])
         accs = [(j, g) for j, g in best if g.final_test_acc.mean is not None]
         values = [[r.final_test_acc for r in g.members if np.isfinite(r.final_test_acc)] for _, g in accs]
         means = [g.final_test_acc.mean for _, g in accs]

@@ -93,12 +93,13 @@ class Run:
         return float("nan") if value is None else float(value)
 
     @property
-    def steps_before(self) -> dict[int, int]:
-        """Each evaluated step -> the evaluation before it, from the val/acc curve (empty without it)."""
+    def first_eval(self) -> int | None:
+        """The first evaluated step after step 0 (None without a val/acc curve): a target first seen
+        there may have been crossed at any step before it, so its step count is an upper bound."""
         if STEPS_CURVE not in self.curves:
-            return {}
-        steps = [int(s) for s in self.curves[STEPS_CURVE][0]]
-        return dict(zip(steps[1:], steps[:-1]))
+            return None
+        later = [int(s) for s in self.curves[STEPS_CURVE][0] if s > 0]
+        return later[0] if later else None
 
     def steps_to(self, target: float) -> int | None:
         """First evaluated step with validation acc >= target, or None: from summary.json, else the val/acc curve."""

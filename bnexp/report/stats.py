@@ -51,6 +51,7 @@ class StepStats:
     censored_mean: float  # mean over all n, a miss counted at its censor step
     steps: list[int | None]  # per run (in seed order), None where not reached
     spent: list[int] = field(default_factory=list)  # per run: steps to the target, else its censor step
+    at_first_eval: int = 0  # runs that reached it at their first evaluation: their steps are upper bounds
 
     @property
     def all_reached(self) -> bool:
@@ -110,6 +111,7 @@ class Speedup:
     acc_diff: Interval | None = None  # final test accuracy, norm - none
     paired: bool = False  # resampled by seed pairs
     base_lr: float | None = None  # none's lr it is compared with
+    resolution: str = ""  # '>=' / '<=': runs of the variant / of none reached the target at their first evaluation
     edge: bool = False  # the variant's lr is its best and sits at the edge of its grid
 
 
@@ -239,8 +241,9 @@ def steps_stats(runs: list[Run], target: float) -> StepStats:
     reached = [s for s in steps if s is not None]
     censored = [s if s is not None else r.censor_step() for r, s in zip(runs, steps)]
     mean, std = mean_std(reached)
+    first = sum(1 for r, s in zip(runs, steps) if s is not None and s == r.first_eval)
     return StepStats(n=len(runs), reached=len(reached), mean=mean, std=std,
-                     censored_mean=float(np.mean(censored)), steps=steps, spent=censored)
+                     censored_mean=float(np.mean(censored)), steps=steps, spent=censored, at_first_eval=first)
 
 
 def acc_stats(values) -> AccStats:
@@ -293,8 +296,10 @@ def compare(base: Group, variant: Group, target: float, edge: bool = False) -> S
     keep = np.isfinite(ab) & np.isfinite(av) if paired else None
     acc = (bootstrap(mean_difference, av[keep], ab[keep], True) if paired
            else bootstrap(mean_difference, av[np.isfinite(av)], ab[np.isfinite(ab)], False))
+    early_v, early_b = variant.steps_to[target].at_first_eval, base.steps_to[target].at_first_eval
+    resolution = "" if bool(early_v) == bool(early_b) else (">=" if early_v else "<=")
     return Speedup(variant.norm, variant.lr, ratio, kind, ci=ci, p_beats=p, acc_diff=acc, paired=paired,
-                   base_lr=base.lr, edge=edge)
+                   base_lr=base.lr, edge=edge, resolution=resolution)
 
 
 def at_grid_edge(groups: list[Group], norm: str, lr: float) -> bool:

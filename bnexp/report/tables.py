@@ -41,7 +41,8 @@ def fmt_steps(s: StepStats) -> str:
     if s.reached == 0:
         return f"> {s.censored_mean:.0f} (0/{s.n})"
     std = "" if s.std is None else f" +- {s.std:.0f}"
-    return f"{s.mean:.0f}{std} ({s.reached}/{s.n})"
+    early = f", {s.at_first_eval} at the 1st eval" if s.at_first_eval else ""
+    return f"{s.mean:.0f}{std} ({s.reached}/{s.n}{early})"
 
 
 def fmt_ert(s: StepStats) -> str:
@@ -58,7 +59,8 @@ def fmt_speedup(s: Speedup) -> str:
     """'1.57x [1.21, 2.05]', or the bound when one side never reached the target."""
     if s.kind != "=" or s.ci is None:  # a bound: one side never reached the target, so no finite interval
         return fmt_ratio(s.ratio, s.kind)
-    return fmt_interval(s.ci, ".2f", "x")
+    # runs that reached the target at their first evaluation may have reached it sooner: a bound
+    return (f"{s.resolution} " if s.resolution else "") + fmt_interval(s.ci, ".2f", "x")
 
 
 def speedup_verdict(s: Speedup) -> str:
@@ -140,7 +142,9 @@ def group_lines(stats: SweepStats) -> list[str]:
             for g in stats.groups]
     intro = ("Steps to a validation accuracy: mean +- sample std (ddof=1) over the seeds that reached it, then "
              "(k/n seeds reached); n counts every run, diverged and interrupted included. '> B (0/n)': no seed "
-             "reached it; B is the mean over seeds of the budget (steps_done for an interrupted run). "
+             "reached it; B is the mean over seeds of the budget (steps_done for an interrupted run). 'k at the 1st "
+             "eval': k runs reached it at their first evaluation, so they may have reached it sooner (their steps "
+             "are upper bounds, and a speed-up built on them is marked '>=' or '<='). "
              "ERT (expected running time): the steps spent by all runs (a miss counts its budget, or where it "
              "diverged or stopped) over the runs that reached the target. Mean val err: the average validation "
              "error over the run (area under the error curve / budget), lower = converged sooner. "
@@ -153,7 +157,9 @@ INTERVAL_WORDS = (f"[a, b]: {CONFIDENCE:.0%} bootstrap interval over seeds ({N_R
                   "where both sides ran the same seeds). A comparison whose interval includes no difference (1 for "
                   "a speed-up, 0 for an accuracy difference) is 'no clear difference'.")
 SPEEDUP_WORDS = ("Speed-up = ERT of none / ERT of the variant, ERT = steps spent by all runs / runs that reached the "
-                 "target (a miss counts its budget, or where it diverged or stopped). '> x' (none never reached it) "
+                 "target (a miss counts its budget, or where it diverged or stopped). '>= x [a, b]' / '<= x [a, b]': "
+                 "runs of the variant / of none reached the target at their first evaluation, so the true speed-up "
+                 "is at least / at most this. '> x' (none never reached it) "
                  "and '< x' (the variant never did) are bounds from mean steps with misses at their budget. "
                  "P(beats none): the chance that a run of the variant reaches the target in fewer steps than a run "
                  "of none (a miss is slower than any hit, ties count half).")
@@ -216,14 +222,18 @@ def study_lines(study: Study) -> list[str]:
     column = STUDY_COLUMN.get(study.name, study.key)
     first = study.values[0].stats
     t, ts = first.target, first.thresholds
-    header = [column, "norm", "lr", "runs", "diverged"] + [steps_header(x) for x in ts] + ["final test acc"]
+    header = ([column, "norm", "lr", "runs", "diverged"] + [steps_header(x) for x in ts]
+              + [f"ERT to {t:g}", "mean val err", "final test acc"])
     rows = [[v.label, g.norm, fmt_lr(g.lr), str(g.runs), str(g.diverged)]
-            + [fmt_steps(g.steps_to[x]) for x in ts] + [fmt_acc(g.final_test_acc, g.runs)]
+            + [fmt_steps(g.steps_to[x]) for x in ts]
+            + [fmt_ert(g.steps_to[t]), fmt_mean_std((g.mean_val_err.mean, g.mean_val_err.std), ".4f"),
+               fmt_acc(g.final_test_acc, g.runs)]
             for v in study.values for g in v.stats.groups]
     lines = [f"## Study: {study.name} (`{study.key}`)", "",
              f"Per {column}, norm and lr over seeds; steps to a validation accuracy and the final test accuracy "
              "as in the convergence report (mean +- sample std over the seeds that reached it, (k/n) how many "
-             "did; the test set evaluated once, at the end of each run).", "", *_table(header, rows), ""]
+             "did; ERT: steps spent by all runs over the runs that reached it; mean val err: the average "
+             "validation error over the run; the test set evaluated once, at the end of each run).", "", *_table(header, rows), ""]
     lines += _advantage_lines(study, column, t)
     if study.gaps:
         lines += _gap_lines(study, column)
