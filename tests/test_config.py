@@ -1,5 +1,7 @@
 """Config composition, types and value checks (bnexp/config.py, conf/)."""
 
+import math
+
 import pytest
 
 from bnexp.config import AdamConfig, Config, ConfigError, SGDConfig, flatten, to_config
@@ -151,3 +153,23 @@ def test_optuna_preset_searches_lr_on_a_log_scale():
                       return_hydra_config=True)
     assert cfg.name == "optuna_lr_native" and cfg.hydra.sweeper.direction == "maximize"
     assert cfg.hydra.sweeper.params["optim.lr"].startswith("tag(log, interval(")
+
+
+@pytest.mark.parametrize("batch,scale", [(2, "x0.3"), (60, "x1"), (1024, "x3")])
+def test_batch_size_study_gives_each_batch_its_own_lr_grid(batch, scale):
+    """lr_scale=xM sets lr = M x sqrt(batch / 60), so every batch size gets three rates around its own rule."""
+    cfg = to_config(compose_config(["experiment=batch_size", f"train.batch_size={batch}", f"lr_scale={scale}",
+                                    "data.root=/nonexistent"]))
+    assert cfg.optim.lr == pytest.approx(float(scale[1:]) * math.sqrt(batch / 60), rel=1e-5)
+    assert cfg.train.steps == 1000
+
+
+@pytest.mark.parametrize("batch,steps", [(2, 50_000), (60, 1667), (1024, 98)])
+def test_equal_data_twin_shows_every_batch_size_the_same_images(batch, steps):
+    cfg = to_config(compose_config(["experiment=batch_size_data", f"train.batch_size={batch}",
+                                    "data.root=/nonexistent"]))
+    assert cfg.name == "batch_size_data"
+    assert cfg.train.steps == steps and (steps - 1) * batch < 100_000 <= steps * batch
+    assert cfg.train.eval_every == -(-steps // 40) and cfg.train.eval_schedule == "log"
+    assert (cfg.norm.hold_steps, cfg.norm.warmup_steps) == (-(-steps // 20), -(-steps // 5))
+    assert cfg.optim.lr == pytest.approx(math.sqrt(batch / 60), rel=1e-5)  # the study's lr rule, inherited
