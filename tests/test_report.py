@@ -442,3 +442,23 @@ def test_report_of_runs_without_event_files(tiny_mnist, tmp_path):
     report, figures = rep.write_report(tmp_path / "sweep")
     assert [f.name for f in figures] == ["steps_to_target.png"]
     assert "| custom |" in report.read_text() and "| none |" in report.read_text()
+
+
+def test_validation_figure_draws_bands_only_over_several_seeds(tmp_path):
+    """No band is promised over one seed; with two seeds each norm gets its min..max band, and
+    custom stays visible under native (wider, drawn below it)."""
+    from matplotlib.collections import PolyCollection
+
+    write_run(tmp_path / "one", "c", "custom", 1.0, 0, (100, 200, 300), 0.98)
+    write_run(tmp_path / "one", "n", "native", 1.0, 0, (100, 200, 300), 0.98)
+    fig = figures.val_acc_figure(swp.load_runs(tmp_path / "one"))
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert not [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert "one seed: no band" in fig._suptitle.get_text()
+    custom, native = ax.lines
+    assert custom.get_linewidth() > native.get_linewidth() and custom.get_zorder() < native.get_zorder()
+    assert native.get_linestyle() == "--"
+    for seed in (0, 1):
+        write_run(tmp_path / "two", f"c{seed}", "custom", 1.0, seed, (100, 200 + 100 * seed, 300), 0.98)
+    (ax,) = [a for a in figures.val_acc_figure(swp.load_runs(tmp_path / "two")).axes if a.get_visible()]
+    assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 1

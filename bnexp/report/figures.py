@@ -118,6 +118,15 @@ def _pool_curves(runs: list[Run], tag: str):
 
 
 def plot_val_acc(runs: list[Run], path: Path) -> Path | None:
+    """val_acc_figure saved to path; None when no run has a validation curve."""
+    fig = val_acc_figure(runs)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def val_acc_figure(runs: list[Run]) -> Figure | None:
     """Validation error vs step, both on log scales, one panel per lr, a line (mean) and a min..max
     band per norm over seeds (no band for one seed). Log error shows the early fall and the late
     differences of a few tenths of a point on one axis, without a zoomed second row."""
@@ -141,8 +150,7 @@ def plot_val_acc(runs: list[Run], path: Path) -> Path | None:
     n = sorted({len(rs) for rs in groups.values()})
     fig.suptitle("Validation error per norm: line = mean, " + (_band_words(n[0]) if len(n) == 1 else
                                                                "band = min..max over the seeds"))
-    fig.savefig(path, dpi=100)
-    return path
+    return fig
 
 
 def _last_layer(run: Run) -> int | None:
