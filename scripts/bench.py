@@ -671,6 +671,10 @@ LOAD_COLUMNS = [
 
 # ----------------------------------------------------------------------------- sweep
 
+# the sweep every published sweep figure measured: the convergence preset as it was before it
+# grew to 10 seeds and log-spaced evaluations (75 runs, evaluations every 100 steps), so that
+# figures from before and after that change compare
+BENCH_SWEEP_SHAPE = ["seed=range(5)", "train.eval_schedule=linear"]
 SWEEP_KS = (1, 5, 15, 25, 75)  # members per group for the model-steps/s curve
 QUICK_SWEEP = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=40", "optim.lr=0.1,1.0", "seed=0",
                "model.widths=[32,32]"]  # 6 small runs
@@ -706,8 +710,10 @@ def sweep_wall_s(launcher: list[str], extra: list[str]) -> tuple[float, int]:
     script = Path(__file__).resolve().parent / "train.py"
     with tempfile.TemporaryDirectory() as sweep:
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, str(script), "-m", "experiment=convergence", *launcher,
-                                 f"hydra.sweep.dir={sweep}", *extra], capture_output=True, text=True)
+        given = {o.split("=")[0] for o in extra}  # --quick's own seed wins
+        shape = [o for o in BENCH_SWEEP_SHAPE if o.split("=")[0] not in given]
+        result = subprocess.run([sys.executable, str(script), "-m", "experiment=convergence", *shape,
+                                 *launcher, f"hydra.sweep.dir={sweep}", *extra], capture_output=True, text=True)
         wall = time.perf_counter() - start
         if result.returncode != 0:
             raise SystemExit(f"error: the sweep with {' '.join(launcher)} failed:\n{result.stderr[-2000:]}")
