@@ -294,7 +294,9 @@ def plot_study(study, path: Path) -> Path:
         axes[0].scatter([j + shift for j, _ in missed], [top] * len(missed), marker="x", color=style["color"])
         for j, g in best:
             s = g.steps_to[target]
-            y = top if not s.reached else s.ert
+            if not s.reached:  # no seed at any lr: the 'x' says it; a best lr means nothing there
+                continue
+            y = s.ert
             note = f"lr {g.lr:g}" + ("" if s.all_reached else f", {s.reached}/{s.n}")
             axes[0].annotate(note, (j + shift, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
                              color=style["color"])
