@@ -134,7 +134,7 @@ def val_acc_figure(runs: list[Run]) -> Figure | None:
     if not groups:
         return None
     lrs = sorted({lr for _, lr in groups})
-    fig, axes = _grid(len(lrs))
+    fig, axes = _grid(len(lrs), width=4.2 if len(lrs) > 1 else 7.0)  # one panel: wide enough for the title
     for (norm, lr), rs in groups.items():
         steps, mean, lo, hi = _pool_curves(rs, ACC_CURVE)
         keep = steps > 0  # step 0 has no place on a log axis
@@ -149,7 +149,7 @@ def val_acc_figure(runs: list[Run]) -> Figure | None:
         ax.legend(fontsize="small")
     n = sorted({len(rs) for rs in groups.values()})
     fig.suptitle("Validation error per norm: line = mean, " + (_band_words(n[0]) if len(n) == 1 else
-                                                               "band = min..max over the seeds"))
+                                                               "band = min..max over the seeds"), fontsize="medium")
     return fig
 
 
