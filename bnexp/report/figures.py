@@ -297,7 +297,7 @@ def plot_study(study, path: Path) -> Path:
             if not s.reached:  # no seed at any lr: the 'x' says it; a best lr means nothing there
                 continue
             y = s.ert
-            note = f"lr {g.lr:g}" + ("" if s.all_reached else f", {s.reached}/{s.n}")
+            note = f"lr {g.lr:.2g}" + ("" if s.all_reached else f", {s.reached}/{s.n}")
             axes[0].annotate(note, (j + shift, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
                              color=style["color"])
         accs = [(j, g) for j, g in best if g.final_test_acc.mean is not None]
@@ -312,7 +312,11 @@ def plot_study(study, path: Path) -> Path:
                                  textcoords="offset points", xytext=(3, 3), fontsize=6, color=style["color"])
     if study.gaps:
         _plot_gaps(axes[2], study, labels, chosen)
-    axes[0].axhline(budget, color="gray", linestyle=":", label="budget")
+    budgets = [max(v.stats.budgets) for v in study.values]
+    if len(set(budgets)) == 1:
+        axes[0].axhline(budget, color="gray", linestyle=":", label="budget")
+    else:  # a budget per value (equal data: fewer steps for larger batches)
+        axes[0].scatter(range(len(labels)), budgets, marker="_", s=400, color="gray", label="budget (train.steps)")
     axes[0].set(ylabel=f"ERT to val acc >= {target:g} (steps, log)", yscale="log", ylim=(None, top * 1.6),
                 title=f"ERT to val acc {target:g}, 95% interval ('x' at the top: no seed reached it)")
     axes[1].set(ylabel="final test accuracy (eval mode)", title="test accuracy of the chosen lr: mean, min..max")
@@ -324,7 +328,8 @@ def plot_study(study, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
         ax.title.set_fontsize("small")
-    fig.suptitle(f"{study.name}: each norm at its best lr per {column} (chosen on validation; the lr beside each point)")
+    name = study.values[0].stats.experiment
+    fig.suptitle(f"{name}: each norm at its best lr per {column} (chosen on validation; the lr beside each point)")
     fig.savefig(path, dpi=100)
     return path
 
