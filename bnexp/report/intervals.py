@@ -117,13 +117,18 @@ def bootstrap(statistic: Callable, a: np.ndarray, b: np.ndarray, paired: bool) -
     estimate = float(statistic(a, b))
     if np.all(a == a[0]) and np.all(b == b[0]):  # no spread to resample: the interval is the point
         return Interval(estimate, estimate, estimate, a.size if paired else min(a.size, b.size), paired)
+    low, high = _percentiles((a, b), statistic, paired)
+    return Interval(estimate, low, high, a.size if paired else min(a.size, b.size), paired)
+
+
+def _percentiles(samples: tuple, statistic: Callable, paired: bool) -> tuple[float, float]:
+    """The 95% percentile interval of statistic over scipy's resamples of samples (inf-safe, _quantiles)."""
     with warnings.catch_warnings():  # scipy's own interval of a distribution with inf/NaN: unused here
         warnings.simplefilter("ignore")
-        res = scipy_stats.bootstrap((a, b), statistic, paired=paired, vectorized=True, axis=-1,
+        res = scipy_stats.bootstrap(samples, statistic, paired=paired, vectorized=True, axis=-1,
                                     n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
                                     rng=np.random.default_rng(BOOTSTRAP_SEED))
-    low, high = _quantiles(np.asarray(res.bootstrap_distribution))
-    return Interval(estimate, low, high, a.size if paired else min(a.size, b.size), paired)
+    return _quantiles(np.asarray(res.bootstrap_distribution))
 
 
 def bootstrap_one(statistic: Callable, a: np.ndarray) -> Interval | None:
@@ -134,12 +139,7 @@ def bootstrap_one(statistic: Callable, a: np.ndarray) -> Interval | None:
     estimate = float(statistic(a))
     if np.all(a == a[0]):
         return Interval(estimate, estimate, estimate, a.size, False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = scipy_stats.bootstrap((a,), statistic, vectorized=True, axis=-1, n_resamples=N_RESAMPLES,
-                                    confidence_level=CONFIDENCE, method="percentile",
-                                    rng=np.random.default_rng(BOOTSTRAP_SEED))
-    low, high = _quantiles(np.asarray(res.bootstrap_distribution))
+    low, high = _percentiles((a,), statistic, paired=False)
     return Interval(estimate, low, high, a.size, False)
 
 
@@ -153,25 +153,25 @@ def pair_by_seed(base: list, variant: list, key=lambda r: r.seed) -> tuple[list,
     return list(base), list(variant), False
 
 
-def verdict_ratio(ci: Interval | None, faster: str = "faster", slower: str = "slower") -> str:
-    """'faster' / 'slower' when the interval excludes 1, else 'no clear difference'."""
+def _verdict(ci: Interval | None, null: float, above: str, below: str) -> str:
+    """above / below when the interval excludes `null` on that side, else 'no clear difference'."""
     if ci is None or math.isnan(ci.low):
         return "too few runs to tell"
-    if ci.low > 1:
-        return faster
-    if ci.high < 1:
-        return slower
+    if ci.low > null:
+        return above
+    if ci.high < null:
+        return below
     return "no clear difference"
+
+
+def verdict_ratio(ci: Interval | None, faster: str = "faster", slower: str = "slower") -> str:
+    """'faster' / 'slower' when the interval excludes 1, else 'no clear difference'."""
+    return _verdict(ci, 1.0, faster, slower)
 
 
 def verdict_difference(ci: Interval | None, higher: str = "higher", lower: str = "lower") -> str:
-    if ci is None or math.isnan(ci.low):
-        return "too few runs to tell"
-    if ci.low > 0:
-        return higher
-    if ci.high < 0:
-        return lower
-    return "no clear difference"
+    """'higher' / 'lower' when the interval excludes 0, else 'no clear difference'."""
+    return _verdict(ci, 0.0, higher, lower)
 
 
 def fmt_interval(ci: Interval | None, spec: str, suffix: str = "") -> str:
