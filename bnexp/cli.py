@@ -24,7 +24,7 @@ from bnexp.jobs.cluster import in_submitit_job, requeue_with_submitit
 from bnexp.jobs import lifecycle
 from bnexp.run.loop import USER_ERRORS, train
 from bnexp.jobs.run_name import hydra_quoted
-from bnexp.run.runtime import available_cores, cores_per_job, pick_device, set_threads
+from bnexp.run.runtime import available_cores, choose_device, cores_per_job, set_threads
 from bnexp.run.signals import RunInterrupted
 
 log = logging.getLogger("bnexp")
@@ -70,7 +70,8 @@ def main(hydra_cfg: DictConfig) -> float:
         choice = lifecycle.threads(cfg, 1, *threads_per_job())
         set_threads(choice.threads)
         log.info("torch threads: %d (%s)", torch.get_num_threads(), choice.why)
-        log.info("device: %s (CUDA_VISIBLE_DEVICES=%s)", pick_device(cfg.device),
+        where = choose_device(cfg)
+        log.info("device: %s (%s; CUDA_VISIBLE_DEVICES=%s)", where.device, where.why,
                  os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))  # what a cluster job was given
         summary = train(cfg, run_dir, progress="quiet" if in_multirun() else "auto")
     except USER_ERRORS as exc:

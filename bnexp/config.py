@@ -26,6 +26,7 @@ ACTIVATIONS = ("sigmoid", "relu", "tanh")
 DEVICES = ("auto", "cpu", "cuda")
 RESUME_MODES = ("auto", "never")
 EVAL_SCHEDULES = ("linear", "log")  # bnexp/run/schedule.py
+GRAPH_MODES = ("auto", "on", "off")  # train.cuda_graphs: bnexp/run/graphs.py
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,6 +84,7 @@ class TrainConfig:
     test_every: int = 0  # 0: the test set once, at the end; k: also every k steps (a multiple of eval_every)
     resume: str = "auto"
     tensorboard: bool = True
+    cuda_graphs: str = "auto"  # auto | on | off: training steps replayed as CUDA graphs on a GPU (bnexp/run/graphs.py)
 
 
 @dataclass
@@ -172,6 +174,7 @@ def validate(cfg: Config) -> None:
     _require(t.eval_schedule in EVAL_SCHEDULES, "train.eval_schedule", t.eval_schedule,
              f"one of {', '.join(EVAL_SCHEDULES)}")
     _require(t.resume in RESUME_MODES, "train.resume", t.resume, f"one of {', '.join(RESUME_MODES)}")
+    _require(t.cuda_graphs in GRAPH_MODES, "train.cuda_graphs", t.cuda_graphs, f"one of {', '.join(GRAPH_MODES)}")
     _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
     _require(cfg.threads == "auto" or (str(cfg.threads).isdigit() and int(cfg.threads) >= 1),
              "threads", cfg.threads, "'auto' or an integer >= 1")

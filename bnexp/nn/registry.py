@@ -34,6 +34,8 @@ class NormVariant:
     batch_stats: bool  # normalizes by batch statistics in training: needs train.batch_size >= 2
     compile: str = "ignored"  # norm.compile=true: "fused" (a compiled form), "ignored" (nothing to compile), "refused"
     takes_noise: bool = False  # reads norm.noise_* (bnexp/nn/noise.py)
+    capturable: bool = True  # its training step can be captured as a CUDA graph (bnexp/run/graphs.py)
+    capture_note: str = ""  # why not, in the log line of a run on a GPU
 
 
 def _identity(*_args) -> nn.Module:
@@ -130,7 +132,8 @@ NORMS: dict[str, NormVariant] = {v.name: v for v in (
     NormVariant("native", "native", "tab:green", "--", "s", _native, _stacked_native, running_stats=True,
                 batch_stats=True),
     NormVariant("custom_noisy", "custom_noisy", "tab:purple", "-.", "^", _custom_noisy, _stacked_noisy,
-                running_stats=True, batch_stats=True, takes_noise=True, compile="refused"),
+                running_stats=True, batch_stats=True, takes_noise=True, compile="refused", capturable=False,
+                capture_note="it draws its noise from its own generators, which a graph would replay unchanged"),
     # the controls that normalize by the sample (Ba et al. 2016; Wu & He 2018) or by the batch
     # corrected toward the running statistics (Ioffe 2017): bnexp/layers.py re-exports them
     NormVariant("layer", "layer", "tab:orange", ":", "D", _layer, _stacked_layer, running_stats=False,
@@ -138,7 +141,8 @@ NORMS: dict[str, NormVariant] = {v.name: v for v in (
     NormVariant("group", "group", "tab:brown", ":", "v", _group, _stacked_group, running_stats=False,
                 batch_stats=False),
     NormVariant("batch_renorm", "batch_renorm", "tab:cyan", "-.", "P", _batch_renorm, _stacked_renorm,
-                running_stats=True, batch_stats=True),
+                running_stats=True, batch_stats=True, capturable=False,
+                capture_note="its r_max/d_max schedule reads the batch count on the host each step"),
 )}
 
 

@@ -19,6 +19,11 @@ the model a reader studies is the one a solo run trains; load and store have not
 `StackedEngine` trains K members as one `StackedMLP` (bnexp/nn/stacked.py) with a stacked
 optimizer; a probe step is taken on each member's own model (probes need a member's own loss
 landscape), which the engine moves out of and back into the stack around it.
+
+With `graphed`, either engine takes its plain steps through a `GraphedStep`
+(bnexp/run/graphs.py): on a GPU, the step is captured once as a CUDA graph and replayed. Both
+steps read only tensors whose storage never changes (the dataset, the parameters, the
+optimizer's state, updated in place by load/store/freeze), which is what a replay needs.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import Tensor
 from bnexp.nn.registry import stacked_model
 from bnexp.nn.stacked import evaluate_members, member_losses
 from bnexp.nn.stacked_optim import stacked_optimizer
+from bnexp.run.graphs import GraphedStep
 from bnexp.run.probes import probed_step
 
 
@@ -73,9 +79,11 @@ class SoloEngine:
 
     size = 1
 
-    def __init__(self, member):
+    def __init__(self, member, graphed: bool = False, capture: bool = True):
         self.member = member
         self.model, self.optimizer, self.data = member.model, member.optimizer, member.data
+        idx = torch.zeros(member.cfg.train.batch_size, dtype=torch.int64, device=member.device)
+        self.graphed = GraphedStep(self.indexed_step, idx, capture) if graphed else None
 
     def load(self, slots, members) -> None:
         pass  # the member's tensors are the engine's
@@ -90,7 +98,11 @@ class SoloEngine:
         self.model.train()
 
     def step(self, batches: list[Tensor | None]) -> Tensor:
-        idx = batches[0]
+        return self.indexed_step(batches[0]) if self.graphed is None else self.graphed(batches[0])
+
+    def indexed_step(self, idx: Tensor) -> Tensor:
+        """The step on the images `idx` of the device-resident training split (gathered here,
+        so that a captured step gathers them too)."""
         x, y = self.data.train_x.index_select(0, idx), self.data.train_y.index_select(0, idx)
         return solo_step(self.model, self.optimizer, x, y)
 
@@ -105,12 +117,14 @@ class SoloEngine:
 class StackedEngine:
     """K members as one StackedMLP with a stacked optimizer (SGD or Adam, per-member lr)."""
 
-    def __init__(self, members):
+    def __init__(self, members, graphed: bool = False, capture: bool = True):
         first = members[0]
         self.size, self.data = len(members), first.data
         self.model = stacked_model(self.size, first.model, first.cfg.norm).to(first.device)
         self.optimizer = stacked_optimizer(self.model.parameter_stacks(), [m.optimizer for m in members])
         self.dummy = torch.arange(first.cfg.train.batch_size, device=first.device)  # a frozen slot's batch
+        idx = self.dummy.expand(self.size, -1)
+        self.graphed = GraphedStep(self.indexed_step, idx, capture) if graphed else None
 
     def load(self, slots, members) -> None:
         for k in slots:
@@ -132,7 +146,11 @@ class StackedEngine:
 
     def step(self, batches: list[Tensor | None]) -> Tensor:
         idx = torch.stack([self.dummy if b is None else b for b in batches])  # (K, B)
-        flat = idx.view(-1)
+        return self.indexed_step(idx) if self.graphed is None else self.graphed(idx)
+
+    def indexed_step(self, idx: Tensor) -> Tensor:
+        """One step of every slot, slot k on the images idx[k] of the training split."""
+        flat = idx.reshape(-1)
         x = self.data.train_x.index_select(0, flat).view(*idx.shape, -1)
         y = self.data.train_y.index_select(0, flat).view(idx.shape)
         losses = member_losses(self.model, x, y)

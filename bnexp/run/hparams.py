@@ -24,7 +24,7 @@ from google.protobuf import struct_pb2
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from bnexp.config import ACTIVATIONS, DEVICES, RESUME_MODES, norm_names
+from bnexp.config import ACTIVATIONS, DEVICES, GRAPH_MODES, RESUME_MODES, norm_names
 from bnexp.run.tags import STEPS_TAG, STEPS_TARGET
 
 # Config key -> the column title; in this order they are the columns ticked by default.
@@ -32,7 +32,7 @@ PINNED = {"norm.name": "norm", "optim.lr": "optim.lr", "seed": "seed", "optim.na
           "model.activation": "model.activation"}
 NOT_HPARAMS = ("data.root",)  # a path of the machine, not a property of the experiment
 DOMAINS = {"norm.name": norm_names(), "optim.name": ("sgd", "adam"), "model.activation": ACTIVATIONS,
-           "device": DEVICES, "train.resume": RESUME_MODES}
+           "device": DEVICES, "train.resume": RESUME_MODES, "train.cuda_graphs": GRAPH_MODES}
 # (tag, title) in the order of the metric columns; the tab ticks the first five
 METRICS = (("test/acc", "test/acc (final)"), ("val/acc", "val/acc (final)"),
            (STEPS_TAG, f"steps to val/acc {STEPS_TARGET:g} (NaN: never)"), ("test/loss", "test/loss (final)"),

@@ -32,9 +32,10 @@ from bnexp.config import Config, ConfigError
 from bnexp.run.data import DataError
 from bnexp.run.progress import ProgressBar
 from bnexp.run.engine import SoloEngine, StackedEngine
+from bnexp.run.graphs import use_graphs
 from bnexp.run.member import Member, Outcome
 from bnexp.run.signals import RunInterrupted, StopFlag
-from bnexp.run.runtime import set_threads
+from bnexp.run.runtime import choose_device, set_threads
 from bnexp.run.schedule import is_checkpoint_point, is_eval_point, is_test_point, segment_ends
 
 log = logging.getLogger("bnexp.run")
@@ -261,8 +262,13 @@ class Loop:
 
 
 def make_engine(members: list[Member]):
-    """One plain model for one member, a stacked one for more."""
-    return SoloEngine(members[0]) if len(members) == 1 else StackedEngine(members)
+    """One plain model for one member, a stacked one for more; steps captured as a CUDA graph
+    where train.cuda_graphs and the run allow it (bnexp/run/graphs.py), said in one log line on a GPU."""
+    first = members[0]
+    graphed, why = use_graphs(first.cfg, first.device)
+    if first.device.type == "cuda":
+        log.info("cuda graphs: %s (%s)", "on" if graphed else "off", why)
+    return SoloEngine(first, graphed) if len(members) == 1 else StackedEngine(members, graphed)
 
 
 def fit(specs: list[MemberSpec], progress: str = "quiet") -> list[Outcome]:
@@ -270,9 +276,13 @@ def fit(specs: list[MemberSpec], progress: str = "quiet") -> list[Outcome]:
     logs = MemberLogs([spec.log_file for spec in specs])
     try:
         members, data = [], None
+        where = choose_device(specs[0].cfg, len(specs))  # members share it (bnexp/jobs/groups.py)
+        device = where.device
+        if len(specs) > 1:  # a solo run's device line is bnexp/cli.py's
+            log.info("device: %s (%s; a group of %d)", device, where.why, len(specs))
         for k, spec in enumerate(specs):
             with logs.to(k):
-                member = Member(spec.cfg, spec.run_dir, data)
+                member = Member(spec.cfg, spec.run_dir, data, device)
             data = member.data
             members.append(member)
         return Loop(members, make_engine(members), logs, progress).fit()

@@ -29,7 +29,7 @@ from bnexp.nn.noise import seed_noise
 from bnexp.run.probes import train_mode_accuracy
 from bnexp.run.order import BatchOrder
 from bnexp.run.summary import Progress, Summary, run_status, run_summary
-from bnexp.run.runtime import pick_device
+from bnexp.run.runtime import choose_device
 
 log = logging.getLogger("bnexp.run")
 
@@ -77,10 +77,11 @@ def load_data(cfg: Config, device: torch.device) -> MNIST:
 class Member:
     """One run: built (or resumed) from its config and dir, recorded and finished by the loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, data: MNIST | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, data: MNIST | None = None,
+                 device: torch.device | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.flat = flatten(cfg)
-        self.device = pick_device(cfg.device)
+        self.device = choose_device(cfg).device if device is None else device  # a group's: the loop's choice
         self.run_dir.mkdir(parents=True, exist_ok=True)
         saved = None if cfg.train.resume == "never" else ckpt.load_checkpoint(self.run_dir, self.flat)
         self.data = load_data(cfg, self.device) if data is None else data

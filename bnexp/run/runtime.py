@@ -33,14 +33,72 @@ THREADS_CROSSOVER_MACS = 20_000_000
 MNIST_INPUTS, MNIST_CLASSES = 784, 10
 
 
+# What `device=auto` weighs when a run's steps cannot be replayed as a CUDA graph (a graphed
+# step costs about one launch, so a graphed run always takes the GPU). Uncaptured, a GPU step of
+# this MLP is launch-bound: 367 steps/s for one run and the same ~2.7 ms per step for a batched
+# group of K (K x 367 model-steps/s up to K = 25; H200, docs/results/bench_sweep_cuda.json), while
+# one CPU thread does ~12 G multiply-adds/s on it (668 steps/s x 17.9M multiply-adds per step,
+# norm=none, docs/results/bench.json). Both are measurements of one machine each: the rule
+# picks the CPU only where it is clearly ahead by them, and says so in the device log line.
+GPU_EAGER_STEPS_PER_S = 367.0
+CPU_MACS_PER_S = 12e9
+
+
 def pick_device(device: str) -> torch.device:
-    """auto -> cuda when torch sees a GPU, else cpu; cuda without a GPU is a config error."""
+    """auto -> cuda when torch sees a GPU, else cpu; cuda without a GPU is a config error.
+    (A run's own choice, which also weighs its speed on each, is choose_device's.)"""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not allowed: torch sees no CUDA GPU on this machine "
                           "(use device=auto or device=cpu)")
     return torch.device(device)
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Where a run (or a group of `members` runs) trains, and why (the `device: ...` log line)."""
+
+    device: torch.device
+    why: str
+
+
+def macs_per_step(widths: list[int], batch_size: int, inputs: int = MNIST_INPUTS,
+                  classes: int = MNIST_CLASSES) -> int:
+    """Multiply-adds of one training step of one MLP: its forward's matmuls, three times
+    (forward, the backward's two products per layer)."""
+    sizes = [inputs, *widths, classes]
+    return 3 * sum(batch_size * a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def choose_device(cfg, members: int = 1, gpu: bool | None = None) -> DeviceChoice:
+    """The device of a run of `cfg` trained with members - 1 others in one group.
+
+    device=cpu|cuda: as given. device=auto: the CPU without a GPU; with one, the GPU when the
+    run's steps are replayed as CUDA graphs (bnexp/run/graphs.py) or when, uncaptured, the GPU's
+    launch-bound step beats the CPU's estimated one; else the CPU, saying why. gpu: whether a
+    GPU is seen (None: ask torch).
+    """
+    from bnexp.run.graphs import graph_blocker  # graphs -> registry -> layers: imported when used
+
+    if cfg.device != "auto":
+        return DeviceChoice(pick_device(cfg.device), f"device={cfg.device} as given")
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if not gpu:
+        return DeviceChoice(torch.device("cpu"), "auto: torch sees no CUDA GPU")
+    cuda = torch.device("cuda")
+    blocker = "train.cuda_graphs=off" if cfg.train.cuda_graphs == "off" else graph_blocker(cfg, cuda)
+    if blocker is None:
+        return DeviceChoice(cuda, "auto: a GPU, training steps replayed as CUDA graphs")
+    gpu_rate = GPU_EAGER_STEPS_PER_S * members
+    cpu_rate = CPU_MACS_PER_S / macs_per_step(cfg.model.widths, cfg.train.batch_size)
+    if cpu_rate > gpu_rate:
+        return DeviceChoice(torch.device("cpu"), (
+            f"auto: a GPU is seen, but this run's steps cannot be captured ({blocker}) and, launched one "
+            f"kernel at a time, the GPU would be slower for it (~{gpu_rate:.0f} vs ~{cpu_rate:.0f} model-steps/s "
+            f"on one CPU thread, estimated: bnexp/run/runtime.py); device=cuda forces the GPU"))
+    return DeviceChoice(cuda, f"auto: a GPU; steps not captured ({blocker}), still faster than the CPU "
+                              f"(~{gpu_rate:.0f} vs ~{cpu_rate:.0f} model-steps/s, estimated)")
 
 
 def available_cores() -> int:
