@@ -273,14 +273,15 @@ class StackedMLP(nn.Module):
         return self.head(h)
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in) -> logits (K, N, classes): every member on the same inputs (evaluation)."""
+        """(N, in) -> logits (K, classes, N): every member on the same inputs (evaluation), in
+        training's layout. (Logits with one row of classes per image, (K, N, classes), made the
+        head a product with 10 output columns and cross-entropy a softmax over rows of 10: that
+        layout's evaluation took 1.4-1.6x this one's, docs/results/measurements.md#stacked-layout.)"""
         first = self.hidden[0]
         h = first.rows(first.linear.rows(x), self.size)
         for layer in self.hidden[1:]:
             h = layer(h)
-        # One row of classes per image: cross-entropy and argmax then read each image's classes
-        # contiguously (docs/results/measurements.md#stacked-layout)
-        return torch.baddbmm(self.head.bias.transpose(1, 2), h.transpose(1, 2), self.head.weight.transpose(1, 2))
+        return self.head(h)
 
 
 def member_losses(model: StackedMLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -306,11 +307,10 @@ def evaluate_members(model: StackedMLP, x: torch.Tensor, y: torch.Tensor,
     loss_sum = torch.zeros(K, device=x.device, dtype=torch.float64)
     correct = torch.zeros(K, device=x.device, dtype=torch.int64)
     for start in range(0, len(x), rows):
-        logits = model.forward_shared(x[start:start + rows])  # (K, n, classes)
-        target = y[start:start + rows]
-        losses = F.cross_entropy(logits.flatten(0, 1), target.repeat(K), reduction="none")
-        loss_sum += losses.view(K, -1).sum(1).double()
-        correct += (logits.argmax(2) == target).sum(1)
+        logits = model.forward_shared(x[start:start + rows])  # (K, classes, n)
+        target = y[start:start + rows].expand(K, -1)
+        loss_sum += F.cross_entropy(logits, target, reduction="none").sum(1).double()
+        correct += (logits.argmax(1) == target).sum(1)
     model.train(was_training)
     n = len(x)
     return (loss_sum / n).tolist(), (correct.double() / n).tolist()  # note: host sync, once per eval
