@@ -738,6 +738,50 @@ def group_model_steps_per_s(k: int, steps: int, device: str) -> float:
     return k * outcomes[0].summary["train_steps_per_s"]
 
 
+def sweep_multiply_adds(runs: int = 75, steps: int = 4000, evals: int = 41, batch: int = 60,
+                        widths: tuple[int, ...] = (100, 100, 100), val: int = 10_000, test: int = 10_000) -> int:
+    """The matrix multiply-adds the bench's convergence sweep must do, whatever runs it: per run,
+    `steps` training steps (each layer's forward product, its weight gradient, and the input
+    gradient of every layer but the first, whose input needs none) and `evals` passes over the
+    validation split plus one over the test set (forward only). Norms, activations, the loss and
+    the optimizer's elementwise work are left out, so the time it implies is a lower bound."""
+    sizes = [784, *widths, 10]
+    forward = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))  # per image
+    train = batch * (3 * forward - sizes[0] * sizes[1])
+    return runs * (steps * train + (evals * val + test) * forward)
+
+
+def gemm_rate(threads: int = 1, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate (multiply-adds/s) on the sweep's largest product, a
+    group's first layer in evaluation ((10,000 x 784) @ (784 x 1,300)), best of `repeats`:
+    what one core sustains on the most favourable shape the sweep has."""
+    import time
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(10_000, 784), torch.randn(784, 1_300)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 10_000 * 784 * 1_300 / best
+
+
+def sweep_bound_rows(joblib_wall: float | None, cores: int) -> list[dict]:
+    """How fast the sweep could be at all on this CPU: its multiply-adds at the best matmul rate
+    on every core, and the joblib / that ratio, the most any launcher could reach here."""
+    macs, rate = sweep_multiply_adds(), gemm_rate()
+    least = macs / (rate * cores)
+    rows = [{"what": "float32 matmul, 1 thread, (10,000 x 784) @ (784 x 1,300): G multiply-adds/s",
+             "ratio": round(rate / 1e9, 1)},
+            {"what": f"the sweep's {macs / 1e12:.2f} T matrix multiply-adds at that rate on {cores} cores: "
+                     "least wall time of any float32 run of it", "wall_s": round(least, 1)}]
+    if joblib_wall is not None:
+        rows.append({"what": "joblib / that least time: the most any launcher could reach on this machine",
+                     "ratio": round(joblib_wall / least, 2)})
+    return rows
+
+
 def bench_sweep(args) -> list[dict]:
     """experiment=convergence through each of SWEEP_LAUNCHERS (--quick: joblib and batched, tiny
     budgets; or those named by --sweep-launchers), their order rotating per repeat, every run on
@@ -758,6 +802,9 @@ def bench_sweep(args) -> list[dict]:
              "wall_s": round(statistics.median(walls[name]), 1)} for name in names]
     rows += [paired(f"{base} / {name} wall time (target >= 2.5, aim 4)", walls[base], walls[name], 2)
              for base, name in SWEEP_PAIRS if base in walls and name in walls]
+    if args.sweep_device == "cpu" and not args.quick:
+        joblib = statistics.median(walls["joblib"]) if walls.get("joblib") else None
+        rows += sweep_bound_rows(joblib, available_cores())
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else 300
     device, base = args.sweep_device, None
