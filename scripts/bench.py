@@ -12,6 +12,7 @@ training loop vs a pytorch/examples-style DataLoader pipeline.
     python scripts/bench.py --sections threads load --repeats 3   # threads under load: quiet machine, many minutes
     python scripts/bench.py --sections sweep                 # experiment=convergence: batched vs joblib launcher
     python scripts/bench.py --sections sweep --quick         # the same, tiny budgets (smoke test)
+    python scripts/bench.py --sections device --threads 1    # on a GPU: graphs / no graphs / CPU, default run
 
 Each section is a function `bench_<name>(args) -> list of row dicts`, registered in
 SECTIONS; main() runs the sections asked for, prints one table per section and the
@@ -319,7 +320,8 @@ def _compose(overrides: list[str]):
     return to_config(compose(overrides))
 
 
-def harness_run(norm: str, steps: int, eval_every: int, tensorboard: bool = True, extra=()) -> dict:
+def harness_run(norm: str, steps: int, eval_every: int, tensorboard: bool = True, extra=(),
+                device: str = "cpu") -> dict:
     """One bnexp.run.loop.train run with the default MLP and batch 60; its summary.json."""
     import tempfile
 
@@ -327,7 +329,7 @@ def harness_run(norm: str, steps: int, eval_every: int, tensorboard: bool = True
 
     cfg = _compose([f"norm={norm}", f"train.steps={steps}", f"train.eval_every={eval_every}",
                     f"train.tensorboard={str(tensorboard).lower()}", f"train.checkpoint_every={steps}",
-                    "device=cpu", *extra])
+                    f"device={device}", *extra])
     with tempfile.TemporaryDirectory() as run_dir:
         return train(cfg, Path(run_dir), progress="quiet")
 
@@ -412,6 +414,47 @@ def bench_training(args) -> list[dict]:
     rows.append({"what": "peak RSS of a " + ("smoke" if args.quick else "default") + " run (MiB)",
                  "ratio": round(peak_rss_mb(run), 1)})
     return rows
+
+
+DEVICE_WAYS = {"GPU, CUDA graphs": ("cuda", ["train.cuda_graphs=on"]),
+               "GPU, no graphs": ("cuda", ["train.cuda_graphs=off"]),
+               "CPU": ("cpu", [])}
+
+
+def bench_device(args) -> list[dict]:
+    """The default run (batch 60, 3 x 100, 8 evaluations) with each of none, custom and native on
+    the GPU with its steps replayed as CUDA graphs, on the GPU without, and on this machine's CPU
+    (with --threads threads; 1 is what threads=auto gives this MLP): training steps/s as
+    summary.json counts them and the run's wall time, interleaved repeats, medians, and the
+    speed issue's ratios. Without a GPU, one row saying so."""
+    if not torch.cuda.is_available():
+        return [{"what": "no CUDA GPU on this machine: nothing to measure (run it where torch sees one)"}]
+    torch.set_num_threads(args.threads)
+    steps = 200 if args.quick else 4000
+    rows = []
+    for norm in ("none", "custom", "native"):
+        rates: dict[str, list[float]] = {way: [] for way in DEVICE_WAYS}
+        walls: dict[str, list[float]] = {way: [] for way in DEVICE_WAYS}
+        for repeat in range(args.repeats):
+            ways = list(DEVICE_WAYS) if repeat % 2 == 0 else list(DEVICE_WAYS)[::-1]
+            for way in ways:
+                device, extra = DEVICE_WAYS[way]
+                summary = harness_run(norm, steps, eval_every=max(1, steps // 8), device=device, extra=extra)
+                rates[way].append(summary["train_steps_per_s"])
+                walls[way].append(summary["wall_s"])
+        rows += [{"what": f"norm={norm}, {way}", "steps_per_s": round(statistics.median(rates[way]), 1),
+                  "wall_s": round(statistics.median(walls[way]), 2)} for way in DEVICE_WAYS]
+        rows.append(paired(f"norm={norm}: graphs / no graphs, steps/s (target >= 10)",
+                           rates["GPU, CUDA graphs"], rates["GPU, no graphs"], 2))
+        rows.append(paired(f"norm={norm}: graphs / CPU, steps/s (target >= 5)",
+                           rates["GPU, CUDA graphs"], rates["CPU"], 2))
+        rows.append(paired(f"norm={norm}: CPU / graphs, wall time of the whole run",
+                           walls["CPU"], walls["GPU, CUDA graphs"], 2))
+    return rows
+
+
+DEVICE_COLUMNS = [("what", "what", "{}"), ("steps_per_s", "steps/s", "{:.1f}"), ("wall_s", "wall s", "{:.2f}"),
+                  ("ratio", "ratio", "{}"), ("range", "range over repeats", "{}")]
 
 
 def paired(what: str, a: list[float], b: list[float], digits: int) -> dict:
@@ -893,7 +936,8 @@ SECTIONS = {"layer": (bench_layer, LAYER_COLUMNS), "norms": (bench_norms, NORM_C
             "training": (bench_training, TRAINING_COLUMNS),
             "threads": (bench_threads, THREADS_COLUMNS), "load": (bench_load, LOAD_COLUMNS),
             "probes": (bench_probes, TRAINING_COLUMNS),
-            "sweep": (bench_sweep, SWEEP_COLUMNS), "stack": (bench_stack, STACK_COLUMNS)}
+            "sweep": (bench_sweep, SWEEP_COLUMNS), "stack": (bench_stack, STACK_COLUMNS),
+            "device": (bench_device, DEVICE_COLUMNS)}
 
 
 # ----------------------------------------------------------------------------- output

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
@@ -139,3 +140,22 @@ def test_bench_sweep_section_runs_both_launchers_and_the_k_curve(tmp_path):
     for k in (1, 5):
         assert rows[f"cpu: group of K={k}"]["model_steps_per_s"] > 0
     assert rows["cpu: group of K=1"]["ratio"] == 1.0
+
+
+def test_bench_device_section_measures_graphs_no_graphs_and_cpu_or_says_why_not(tmp_path):
+    """--sections device: on a GPU, graphs / no graphs / CPU rows for each of none, custom and
+    native with the speed targets' ratios; without one, a single row that says so."""
+    out = tmp_path / "device.json"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--sections", "device", "--repeats", "1",
+                             "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["device"]
+    if not torch.cuda.is_available():
+        assert rows == [{"what": "no CUDA GPU on this machine: nothing to measure (run it where torch sees one)"}]
+        return
+    whats = [row["what"] for row in rows]
+    for norm in ("none", "custom", "native"):
+        for way in ("GPU, CUDA graphs", "GPU, no graphs", "CPU"):
+            row = rows[whats.index(f"norm={norm}, {way}")]
+            assert row["steps_per_s"] > 0 and row["wall_s"] > 0
+        assert f"norm={norm}: graphs / no graphs, steps/s (target >= 10)" in whats
