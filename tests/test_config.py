@@ -143,6 +143,33 @@ def test_convergence_sweeps_norms_two_decades_of_lr_and_ten_seeds():
     assert cfg.train.eval_schedule == "log"
 
 
+def sweep_params(preset: str):
+    from hydra import compose, initialize_config_dir
+
+    from bnexp.jobs.hydra_setup import register_configs
+    from conftest import CONF_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"experiment={preset}"], return_hydra_config=True).hydra.sweeper.params
+
+
+@pytest.mark.parametrize("preset,key,grid", [
+    ("placement", "optim.lr", "0.1,0.3,1.0,3.0,10.0"),
+    ("depth", "optim.lr", "0.03,0.1,0.3,1.0,3.0,10.0"),
+    ("santurkar", "optim.lr", "0.1,1.0,3.0,10.0"),
+    ("batch_size", "lr_scale", "x0.1,x0.3,x1,x3,x10"),
+    ("batch_size_data", "lr_scale", "x0.1,x0.3,x1,x3,x10"),
+])
+def test_study_grids_reach_one_step_past_every_published_best_rate(preset, key, grid):
+    """The grids the published reports chose from (docs/results/*_report.md): a best rate at a
+    grid's edge got one more rate beyond it (depth 16: 0.1 -> 0.03; santurkar: 3 -> 10; the
+    batch grids: x0.3 / x3 -> x0.1 / x10), every step ~3x."""
+    params = sweep_params(preset)
+    assert params[key].split(",") == grid.split(",")
+    assert params.seed == ("range(10)" if preset in ("placement", "santurkar") else "range(5)")
+
+
 def test_optuna_preset_searches_lr_on_a_log_scale():
     from hydra import compose, initialize_config_dir
 
@@ -155,9 +182,9 @@ def test_optuna_preset_searches_lr_on_a_log_scale():
     assert cfg.hydra.sweeper.params["optim.lr"].startswith("tag(log, interval(")
 
 
-@pytest.mark.parametrize("batch,scale", [(2, "x0.3"), (60, "x1"), (1024, "x3")])
+@pytest.mark.parametrize("batch,scale", [(2, "x0.1"), (2, "x0.3"), (60, "x1"), (1024, "x3"), (1024, "x10")])
 def test_batch_size_study_gives_each_batch_its_own_lr_grid(batch, scale):
-    """lr_scale=xM sets lr = M x sqrt(batch / 60), so every batch size gets three rates around its own rule."""
+    """lr_scale=xM sets lr = M x sqrt(batch / 60), so every batch size gets five rates around its own rule."""
     cfg = to_config(compose_config(["experiment=batch_size", f"train.batch_size={batch}", f"lr_scale={scale}",
                                     "data.root=/nonexistent"]))
     assert cfg.optim.lr == pytest.approx(float(scale[1:]) * math.sqrt(batch / 60), rel=1e-5)
