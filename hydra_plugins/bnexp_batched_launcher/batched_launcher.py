@@ -49,5 +49,8 @@ def register() -> None:
 
     from hydra.core.plugins import Plugins
 
-    importlib.import_module(f"{__package__}.config")  # importing it stores hydra/launcher=batched
+    importlib.import_module(f"{__package__}.config")  # stores hydra/launcher=batched, hydra/sweeper=batched_basic
     Plugins.instance().register(BatchedLauncher)
+    from .sweeper import BatchedBasicSweeper
+
+    Plugins.instance().register(BatchedBasicSweeper)

@@ -6,6 +6,7 @@ Hydra imports this module when it scans the `hydra_plugins` namespace for plugin
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
 
@@ -34,4 +35,15 @@ class BatchedLauncherConf:
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="batched", node=BatchedLauncherConf,
+                             provider="bnexp")
+
+
+@dataclass
+class BatchedBasicSweeperConf(BasicSweeperConf):
+    """Hydra's basic sweeper's settings, for `hydra/sweeper=batched_basic` (sweeper.py says what differs)."""
+
+    _target_: str = "hydra_plugins.bnexp_batched_launcher.sweeper.BatchedBasicSweeper"
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="batched_basic", node=BatchedBasicSweeperConf,
                              provider="bnexp")
