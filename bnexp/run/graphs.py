@@ -87,6 +87,8 @@ class GraphedStep:
         self.idx = torch.empty(idx_like.shape, dtype=idx_like.dtype, device=idx_like.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
+        self.stream = None  # the side stream of the warm-up steps and of the capture (one for both:
+        # a library handle created lazily on a stream, e.g. cuBLAS's, then exists before the capture)
 
     def __call__(self, idx: Tensor) -> Tensor:
         self.idx.copy_(idx)
@@ -103,7 +105,7 @@ class GraphedStep:
     def _side_stream_step(self) -> Tensor:
         """An eager step on a side stream (torch's recipe for the steps before a capture)."""
         main = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
+        side = self.stream = self.stream or torch.cuda.Stream()
         side.wait_stream(main)
         with torch.cuda.stream(side):
             out = self.fn(self.idx)
@@ -115,6 +117,6 @@ class GraphedStep:
         """Record one step's kernels (nothing runs: the first replay takes this step)."""
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.stream):
             self.out = self.fn(self.idx)
         self.graph = graph
