@@ -148,14 +148,16 @@ def test_a_bad_launcher_setting_is_one_line(tiny_mnist, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("n_jobs", [1, 2], ids=["in-order", "prepared-in-2-processes"])
-def test_a_bad_value_in_a_sweep_is_one_line_for_its_first_job(tiny_mnist, tmp_path, n_jobs):
-    """Jobs are prepared one after another, or in n_jobs forked processes: either way the first
-    bad job in sweep order is named on one line and nothing trains."""
+@pytest.mark.parametrize("n_jobs,sweeper", [(1, "basic"), (2, "basic"), (2, "batched_basic")],
+                         ids=["in-order", "prepared-in-2-processes", "no-sweeper-pass"])
+def test_a_bad_value_in_a_sweep_is_one_line_for_its_first_job(tiny_mnist, tmp_path, n_jobs, sweeper):
+    """Jobs are prepared one after another, or in n_jobs forked processes, after the basic
+    sweeper composed them or (batched_basic) not: either way the first bad job in sweep order is
+    named on one line and nothing trains."""
     sweep = tmp_path / "s"
     result = run_script("-m", *TINY, f"data.root={tiny_mnist}", "hydra/launcher=batched",
-                        f"hydra.launcher.n_jobs={n_jobs}", "optim.lr=0.1,-1,-2", "seed=0,1",
-                        f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                        f"hydra/sweeper={sweeper}", f"hydra.launcher.n_jobs={n_jobs}", "optim.lr=0.1,-1,-2",
+                        "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert errors == ["error: optim.lr=-1.0 is not allowed: a finite number > 0"], result.stderr
@@ -236,6 +238,29 @@ def test_a_killed_joblib_sweep_resumes_with_the_same_command(reference, tmp_path
                       f"hydra.run.dir={alone}", cwd=tmp_path)
     assert solo.returncode == 0, solo.stderr
     assert outcome(sweep / name) == outcome(alone)
+
+
+def test_batched_basic_sweeper_leaves_composition_to_the_batched_launcher_only():
+    """hydra/sweeper=batched_basic composes no job config itself before a batched launch (the
+    launcher does), and every one before any other launcher's, as Hydra's basic sweeper does."""
+    from hydra_plugins.bnexp_batched_launcher.batched_launcher import BatchedLauncher
+    from hydra_plugins.bnexp_batched_launcher.sweeper import BatchedBasicSweeper
+
+    class CountingLoader:
+        def __init__(self):
+            self.composed = []
+
+        def load_sweep_config(self, master_config, sweep_overrides):
+            self.composed.append(sweep_overrides)
+
+    batch = [["seed=0"], ["seed=1"], ["seed=2"]]
+    for launcher, expected in ((BatchedLauncher(), []), (object(), batch)):
+        sweeper = BatchedBasicSweeper(max_batch_size=None, params=None)
+        loader = CountingLoader()
+        sweeper.launcher, sweeper.config = launcher, {}
+        sweeper.hydra_context = type("Context", (), {"config_loader": loader})()
+        sweeper.validate_batch_is_legal(batch)
+        assert loader.composed == expected
 
 
 def test_convergence_with_the_batched_launcher_composes():
