@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bnexp.config import flatten
+from bnexp.run.checkpoint import CheckpointError
 from bnexp.run.loop import train
 from conftest import TINY_OVERRIDES, run_script, tiny_config
 
@@ -58,3 +59,25 @@ def test_a_checkpoint_carrying_a_pickled_callable_is_refused_and_runs_nothing(ti
     assert not marker.exists()
     assert (run_dir / "checkpoint.pt").read_bytes() == planted
     assert not (run_dir / "summary.json").exists() and not list(run_dir.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("saved_value", ["<absent>", "off"])
+def test_a_run_resumes_whatever_its_cuda_graphs_setting_was(tiny_mnist, tmp_path, saved_value):
+    """train.cuda_graphs does not change a run's numbers, so a checkpoint made with another value,
+    or before the key existed, resumes; any other config change is still refused."""
+    train(tiny_config(tiny_mnist, "train.steps=40", "train.checkpoint_every=20"), tmp_path, progress="quiet")
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    if saved_value == "<absent>":
+        del state["config"]["train.cuda_graphs"]
+    else:
+        state["config"]["train.cuda_graphs"] = saved_value
+    state["config"]["train.steps"] = 60  # the same run, asked for more steps ...
+    torch.save(state, path)
+    (tmp_path / "summary.json").unlink()
+    resumed = train(tiny_config(tiny_mnist, "train.steps=60", "train.checkpoint_every=20"), tmp_path, progress="quiet")
+    assert resumed["steps_done"] == 60 and resumed["status"] == "completed"
+    state["config"]["model.init_std"] = 0.2  # ... but a changed init is another run
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="model.init_std"):
+        train(tiny_config(tiny_mnist, "train.steps=60", "train.checkpoint_every=20"), tmp_path, progress="quiet")

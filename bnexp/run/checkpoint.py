@@ -19,7 +19,10 @@ import torch
 from bnexp.run.atomic import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
-IGNORED_ON_RESUME = ("train.resume",)  # config keys that may change between a run and its resume
+# Config keys that may change between a run and its resume: how to resume, and whether a GPU
+# replays its steps as a CUDA graph (the same kernels either way; absent from checkpoints made
+# before the key existed)
+IGNORED_ON_RESUME = ("train.resume", "train.cuda_graphs")
 
 
 class CheckpointError(RuntimeError):
