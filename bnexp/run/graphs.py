@@ -57,15 +57,17 @@ def graph_blocker(cfg, device: torch.device) -> str | None:
     return None
 
 
+def capture_blocker(cfg, device: torch.device) -> str | None:
+    """Why this run's steps will not be captured, train.cuda_graphs=off included; None when they will."""
+    return "train.cuda_graphs=off" if cfg.train.cuda_graphs == "off" else graph_blocker(cfg, device)
+
+
 def use_graphs(cfg, device: torch.device) -> tuple[bool, str]:
     """(capture?, why) for `train.cuda_graphs` (auto | on | off); ConfigError for `on` where a run cannot."""
-    mode = cfg.train.cuda_graphs
-    if mode == "off":
-        return False, "train.cuda_graphs=off"
-    blocker = graph_blocker(cfg, device)
+    blocker = capture_blocker(cfg, device)
     if blocker is None:
         return True, "whole training steps replayed as one CUDA graph"
-    if mode == "on":
+    if cfg.train.cuda_graphs == "on":
         raise ConfigError(f"train.cuda_graphs=on is not allowed for this run: {blocker} "
                           "(use train.cuda_graphs=auto or off)")
     return False, blocker

@@ -63,12 +63,18 @@ class DeviceChoice:
     why: str
 
 
+def layer_macs(widths: list[int], batch_size: int, inputs: int = MNIST_INPUTS,
+               classes: int = MNIST_CLASSES) -> list[int]:
+    """Multiply-adds of each of the MLP's matmuls in a forward pass (batch x fan_in x fan_out)."""
+    sizes = [inputs, *widths, classes]
+    return [batch_size * a * b for a, b in zip(sizes[:-1], sizes[1:])]
+
+
 def macs_per_step(widths: list[int], batch_size: int, inputs: int = MNIST_INPUTS,
                   classes: int = MNIST_CLASSES) -> int:
     """Multiply-adds of one training step of one MLP: its forward's matmuls, three times
     (forward, the backward's two products per layer)."""
-    sizes = [inputs, *widths, classes]
-    return 3 * sum(batch_size * a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return 3 * sum(layer_macs(widths, batch_size, inputs, classes))
 
 
 def choose_device(cfg, members: int = 1, gpu: bool | None = None) -> DeviceChoice:
@@ -79,7 +85,7 @@ def choose_device(cfg, members: int = 1, gpu: bool | None = None) -> DeviceChoic
     launch-bound step beats the CPU's estimated one; else the CPU, saying why. gpu: whether a
     GPU is seen (None: ask torch).
     """
-    from bnexp.run.graphs import graph_blocker  # graphs -> registry -> layers: imported when used
+    from bnexp.run.graphs import capture_blocker  # graphs -> registry -> layers: imported when used
 
     if cfg.device != "auto":
         return DeviceChoice(pick_device(cfg.device), f"device={cfg.device} as given")
@@ -87,7 +93,7 @@ def choose_device(cfg, members: int = 1, gpu: bool | None = None) -> DeviceChoic
     if not gpu:
         return DeviceChoice(torch.device("cpu"), "auto: torch sees no CUDA GPU")
     cuda = torch.device("cuda")
-    blocker = "train.cuda_graphs=off" if cfg.train.cuda_graphs == "off" else graph_blocker(cfg, cuda)
+    blocker = capture_blocker(cfg, cuda)
     if blocker is None:
         return DeviceChoice(cuda, "auto: a GPU, training steps replayed as CUDA graphs")
     gpu_rate = GPU_EAGER_STEPS_PER_S * members
@@ -125,8 +131,7 @@ def work_per_op(widths: list[int], batch_size: int, inputs: int = MNIST_INPUTS,
     What one parallel region has to share between threads; the backward's matmuls are the
     same sizes transposed.
     """
-    sizes = [inputs, *widths, classes]
-    macs = [batch_size * a * b for a, b in zip(sizes[:-1], sizes[1:])]
+    macs = layer_macs(widths, batch_size, inputs, classes)
     return sum(macs) // len(macs)
 
 
